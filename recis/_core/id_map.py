@@ -1,0 +1,145 @@
+"""ID map: int64 key (optionally tagged with a child index) -> int64 row, with a row allocator.
+
+Open addressing with linear probing (layout in :mod:`recis._core.kernels._torch`). Every int64
+value is a valid ID: emptiness lives in the value array, not in reserved keys. The map grows by
+rehashing when live plus deleted slots pass :attr:`IdMap.MAX_LOAD` of its capacity.
+
+Rows are handed out deterministically: the new keys of a call, in input order, take the
+smallest freed rows first, then fresh rows from a high-water mark. So the same operations give
+the same rows on every backend.
+
+Example::
+
+    >>> m = IdMap(torch.device("cpu"))
+    >>> m.lookup_or_insert(torch.tensor([7, -1, 7, 2**63 - 1]))
+    tensor([0, 1, 0, 2])
+    >>> m.lookup(torch.tensor([-1, 5]))
+    tensor([ 1, -1])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .kernels._torch import EMPTY, ROW_MASK, TAG_SHIFT
+
+MAX_TAGS = 1 << 15  # tags share the value word with the row (bits 48..62)
+
+
+class IdMap:
+    """int64 ID (+ tag) -> row map with deterministic row allocation and reuse of freed rows."""
+
+    MAX_LOAD = 0.75
+    MIN_CAPACITY = 1024
+
+    def __init__(self, device: torch.device | str = "cpu", capacity: int = MIN_CAPACITY):
+        self.device = torch.device(device)
+        cap = self.MIN_CAPACITY
+        while cap < capacity:
+            cap *= 2
+        self._keys = torch.zeros(cap, dtype=torch.int64, device=self.device)
+        self._vals = torch.full((cap,), EMPTY, dtype=torch.int64, device=self.device)
+        self._size = 0  # live keys
+        self._used = 0  # live keys + tombstones
+        # Freed rows, sorted descending in free[:n_free], so the smallest is popped first.
+        self._free = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._n_free = 0
+        self._next_row = 0  # high-water mark: rows [0, next_row) have been handed out
+
+    # -- sizes -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        return self._keys.numel()
+
+    @property
+    def row_high_water(self) -> int:
+        """Rows ``[0, row_high_water)`` have been handed out at least once."""
+        return self._next_row
+
+    def memory_bytes(self) -> int:
+        return (self._keys.numel() + self._vals.numel() + self._free.numel()) * 8
+
+    # -- operations --------------------------------------------------------------------------
+    def _reserve(self, extra: int) -> None:
+        if self._used + extra <= self.MAX_LOAD * self.capacity:
+            return
+        # Rebuild at the same size when tombstones are the problem; double until the live keys
+        # fill at most 3/4 of the bound, so a rebuild is followed by room to grow.
+        cap = self.capacity
+        while self._size + extra > self.MAX_LOAD * 0.75 * cap:
+            cap *= 2
+        self._keys, self._vals = kernels.map_rebuild(self._keys, self._vals, cap)
+        self._used = self._size
+
+    def lookup(self, ids: Tensor, tags: Tensor | None = None) -> Tensor:
+        """Row of each ID, -1 where absent. Never inserts."""
+        if ids.numel() == 0:
+            return torch.zeros(0, dtype=torch.int64, device=self.device)
+        return kernels.map_lookup(self._keys, self._vals, ids, tags)
+
+    def lookup_or_insert(
+        self, ids: Tensor, tags: Tensor | None = None, *, assume_unique: bool = False
+    ) -> Tensor:
+        """Row of each ID, inserting the absent ones (first-occurrence order) as it goes.
+
+        ``assume_unique=True`` skips deduplication when the caller knows the keys are unique.
+        """
+        if ids.numel() == 0:
+            return torch.zeros(0, dtype=torch.int64, device=self.device)
+        if not assume_unique:
+            uniq, uniq_tags, inverse = kernels.unique_with_inverse(ids, tags)
+            return self.lookup_or_insert(uniq, uniq_tags, assume_unique=True)[inverse]
+        self._reserve(ids.numel())
+        if self._n_free == 0 and self._free.numel():
+            self._free = self._free[:0]
+        rows, n_new, self._n_free, self._next_row, reused = kernels.map_lookup_or_insert(
+            self._keys, self._vals, ids, tags, self._free, self._n_free, self._next_row
+        )
+        if self._next_row > ROW_MASK:
+            raise RuntimeError(f"ID map holds more than {ROW_MASK} rows")
+        self._size += n_new
+        self._used += n_new - reused
+        return rows
+
+    def delete(self, ids: Tensor, tags: Tensor | None = None) -> Tensor:
+        """Remove IDs; returns the freed rows (-1 for IDs that were absent), which become the
+        first rows handed to new IDs, smallest first."""
+        if ids.numel() == 0:
+            return torch.zeros(0, dtype=torch.int64, device=self.device)
+        rows = kernels.map_delete(self._keys, self._vals, ids, tags)
+        freed = rows[rows >= 0]
+        if freed.numel():
+            self._size -= freed.numel()
+            pool = torch.cat([self._free[: self._n_free], freed])
+            self._free = torch.sort(pool, descending=True).values
+            self._n_free = self._free.numel()
+        return rows
+
+    def items(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ids, tags, rows)`` of every live key, ordered by row."""
+        live = self._vals >= 0
+        ids, packed = self._keys[live], self._vals[live]
+        rows = packed & ROW_MASK
+        order = torch.argsort(rows)
+        return ids[order], (packed >> TAG_SHIFT)[order], rows[order]
+
+    def clear(self) -> None:
+        """Forget every key and every row; the next key gets row 0."""
+        self.__init__(self.device)
+
+    def to(self, device: torch.device | str) -> IdMap:
+        """A copy of this map on ``device`` (slot positions rebuilt for that backend)."""
+        other = IdMap(device, self.capacity)
+        other._keys, other._vals = kernels.map_rebuild(
+            self._keys.to(device), self._vals.to(device), self.capacity
+        )
+        other._size = other._used = self._size
+        other._free = self._free[: self._n_free].to(device)
+        other._n_free = self._n_free
+        other._next_row = self._next_row
+        return other

@@ -1,0 +1,131 @@
+"""Kernels of the ID map and the slot store, behind one dispatcher.
+
+Two twins with the same signatures (torch tensors in, torch tensors out):
+
+* :mod:`._torch`, vectorised plain torch, runs on any device and is the reference;
+* :mod:`._numba`, compiled loops for CPU tensors (JIT, cached to disk).
+
+:func:`use_numba` is the single place that picks one: numba for CPU tensors unless the
+environment variable ``RECIS_KERNELS=torch`` asks for the reference everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _torch
+
+try:  # numba is a dependency, but a broken install should degrade, not break imports
+    from . import _numba
+except ImportError:  # pragma: no cover
+    _numba = None
+
+_NUMBA_DTYPES = {torch.float32, torch.float64, torch.int64, torch.int32, torch.int8}
+_EMPTY_TAGS = np.zeros(0, np.int64)
+
+
+def use_numba(device: torch.device) -> bool:
+    """True when CPU kernels should run through numba for tensors on ``device``."""
+    return _numba is not None and device.type == "cpu" and os.environ.get(
+        "RECIS_KERNELS", "numba"
+    ) != "torch"
+
+
+def _np_tags(tags: Tensor | None) -> np.ndarray:
+    return _EMPTY_TAGS if tags is None else tags.numpy()
+
+
+def unique_with_inverse(ids: Tensor, tags: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Unique ``(id, tag)`` keys in first-occurrence order and the inverse index."""
+    if not use_numba(ids.device):
+        return _torch.unique_with_inverse(ids, tags)
+    uniq, uniq_tags, inverse = _numba.unique_with_inverse(ids.numpy(), _np_tags(tags))
+    out_tags = None if tags is None else torch.from_numpy(uniq_tags)
+    return torch.from_numpy(uniq), out_tags, torch.from_numpy(inverse)
+
+
+def map_lookup(keys: Tensor, vals: Tensor, ids: Tensor, tags: Tensor | None) -> Tensor:
+    if not use_numba(keys.device):
+        return _torch.map_lookup(keys, vals, ids, tags)
+    return torch.from_numpy(_numba.map_lookup(keys.numpy(), vals.numpy(), ids.numpy(),
+                                              _np_tags(tags)))
+
+
+def map_lookup_or_insert(
+    keys: Tensor, vals: Tensor, ids: Tensor, tags: Tensor | None, free: Tensor, n_free: int,
+    next_row: int,
+) -> tuple[Tensor, int, int, int, int]:
+    if not use_numba(keys.device):
+        return _torch.map_lookup_or_insert(keys, vals, ids, tags, free, n_free, next_row)
+    rows, n_new, n_free, next_row, reused = _numba.map_lookup_or_insert(
+        keys.numpy(), vals.numpy(), ids.numpy(), _np_tags(tags), free.numpy(), n_free, next_row
+    )
+    return torch.from_numpy(rows), int(n_new), int(n_free), int(next_row), int(reused)
+
+
+def map_delete(keys: Tensor, vals: Tensor, ids: Tensor, tags: Tensor | None) -> Tensor:
+    if not use_numba(keys.device):
+        return _torch.map_delete(keys, vals, ids, tags)
+    return torch.from_numpy(_numba.map_delete(keys.numpy(), vals.numpy(), ids.numpy(),
+                                              _np_tags(tags)))
+
+
+def map_rebuild(keys: Tensor, vals: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    if not use_numba(keys.device):
+        return _torch.map_rebuild(keys, vals, capacity)
+    new_keys, new_vals = _numba.map_rebuild(keys.numpy(), vals.numpy(), capacity)
+    return torch.from_numpy(new_keys), torch.from_numpy(new_vals)
+
+
+class BlockList:
+    """The blocks of one slot: 2-D tensors ``[block_size, width]``, plus the numba view of them.
+
+    Keeping the numba typed list in step with the tensors avoids rebuilding it per call.
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.tensors: list[Tensor] = []
+        self._numba_list = None
+        if use_numba(device) and dtype in _NUMBA_DTYPES:
+            from numba.typed import List
+
+            self._numba_list = List()
+
+    def append(self, block: Tensor) -> None:
+        self.tensors.append(block)
+        if self._numba_list is not None:
+            self._numba_list.append(block.numpy())
+
+    def clear(self) -> None:
+        self.tensors.clear()
+        if self._numba_list is not None:
+            from numba.typed import List
+
+            self._numba_list = List()
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def gather(self, block_size: int, rows: Tensor, out: Tensor) -> Tensor:
+        """``out[i]`` = row ``rows[i]``, zeros where ``rows[i] < 0``; ``out`` is ``[n, width]``."""
+        numba_ok = self._numba_list is not None and len(self.tensors)
+        if numba_ok and out.dtype == self.tensors[0].dtype:
+            _numba.gather_rows(self._numba_list, block_size, rows.numpy(), out.numpy())
+            return out
+        return _torch.gather_rows(self.tensors, block_size, rows, out)
+
+    def scatter(self, block_size: int, rows: Tensor, values: Tensor) -> None:
+        """Row ``rows[i]`` = ``values[i]`` (or ``values[0]`` for all when it has one row)."""
+        if (
+            self._numba_list is not None
+            and len(self.tensors)
+            and values.dtype == self.tensors[0].dtype
+            and values.is_contiguous()
+        ):
+            _numba.scatter_rows(self._numba_list, block_size, rows.numpy(), values.numpy())
+            return
+        _torch.scatter_rows(self.tensors, block_size, rows, values)

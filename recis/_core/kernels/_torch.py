@@ -1,0 +1,202 @@
+"""Plain-torch kernels of the ID map and the slot store: the reference twin.
+
+These run on any device (CPU, CUDA) with vectorised tensor operations and no Python loop over
+elements. They define the semantics; :mod:`recis._core.kernels._numba` must give the same
+observable results on CPU (the parity tests check it).
+
+Hash-map layout shared by both backends: two int64 arrays of power-of-two length ``C``.
+``keys[s]`` holds an ID, ``vals[s]`` holds ``row | (tag << 48)`` for a live slot, ``EMPTY`` (-1)
+for a never-used slot and ``TOMBSTONE`` (-2) for a deleted one. The tag is the child (logical
+table) index, so two children's equal IDs are different keys and every int64 value is a valid ID.
+Linear probing; where a key lands may differ between the backends, which is not observable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EMPTY = -1
+TOMBSTONE = -2
+TAG_SHIFT = 48
+ROW_MASK = (1 << TAG_SHIFT) - 1
+
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _lsr(x: Tensor, n: int) -> Tensor:
+    """Logical right shift of int64 values (torch's ``>>`` is arithmetic)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def hash_keys(ids: Tensor, tags: Tensor | None) -> Tensor:
+    """splitmix64 finaliser of ``ids ^ tags * golden``; int64 arithmetic wraps like uint64."""
+    x = ids if tags is None else ids ^ (tags * _GOLDEN)
+    x = (x ^ _lsr(x, 30)) * _MIX1
+    x = (x ^ _lsr(x, 27)) * _MIX2
+    return x ^ _lsr(x, 31)
+
+
+def unique_with_inverse(ids: Tensor, tags: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Unique ``(id, tag)`` pairs in first-occurrence order, and the inverse index.
+
+    Returns ``(uniq_ids, uniq_tags, inverse)`` with ``uniq_ids[inverse] == ids`` (and the same for
+    tags); ``uniq_tags`` is None when ``tags`` is None.
+    """
+    n = ids.numel()
+    if tags is None:
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        uniq_tags = None
+    else:
+        pairs, inverse = torch.unique(torch.stack([tags, ids]), dim=1, return_inverse=True)
+        uniq_tags, uniq = pairs[0], pairs[1]
+    positions = torch.arange(n, device=ids.device)
+    first = torch.full((uniq.numel(),), n, dtype=torch.int64, device=ids.device)
+    first.scatter_reduce_(0, inverse, positions, reduce="amin")
+    order = torch.argsort(first)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=ids.device)
+    uniq = uniq[order]
+    if uniq_tags is not None:
+        uniq_tags = uniq_tags[order]
+    return uniq, uniq_tags, rank[inverse]
+
+
+def _probe(keys: Tensor, vals: Tensor, ids: Tensor, tags: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Slot position and row of each key, ``(-1, -1)`` where absent."""
+    mask = keys.numel() - 1
+    n = ids.numel()
+    pos_out = torch.full((n,), -1, dtype=torch.int64, device=ids.device)
+    row_out = torch.full((n,), -1, dtype=torch.int64, device=ids.device)
+    idx = torch.arange(n, device=ids.device)
+    pos = hash_keys(ids, tags) & mask
+    want_tag = tags if tags is not None else torch.zeros_like(ids)
+    while idx.numel():
+        v = vals[pos]
+        hit = (v >= 0) & (keys[pos] == ids[idx]) & ((v >> TAG_SHIFT) == want_tag[idx])
+        pos_out[idx[hit]] = pos[hit]
+        row_out[idx[hit]] = v[hit] & ROW_MASK
+        go_on = ~(hit | (v == EMPTY))
+        idx = idx[go_on]
+        pos = (pos[go_on] + 1) & mask
+    return pos_out, row_out
+
+
+def map_lookup(keys: Tensor, vals: Tensor, ids: Tensor, tags: Tensor | None) -> Tensor:
+    """Row of each key, -1 where the key is absent. Never inserts."""
+    return _probe(keys, vals, ids, tags)[1]
+
+
+def _insert_absent(
+    keys: Tensor, vals: Tensor, ids: Tensor, tags: Tensor | None, rows: Tensor
+) -> int:
+    """Insert unique keys known to be absent; parallel claim rounds, lowest index wins a slot.
+
+    Returns how many tombstones were reused."""
+    mask = keys.numel() - 1
+    packed = rows if tags is None else rows | (tags << TAG_SHIFT)
+    idx = torch.arange(ids.numel(), device=ids.device)
+    pos = hash_keys(ids, tags) & mask
+    reused_tombstones = 0
+    while idx.numel():
+        free = vals[pos] < 0
+        cand, cand_pos = idx[free], pos[free]
+        slots, which = torch.unique(cand_pos, return_inverse=True)
+        winner = torch.full((slots.numel(),), ids.numel(), dtype=torch.int64, device=ids.device)
+        winner.scatter_reduce_(0, which, cand, reduce="amin")
+        reused_tombstones += int((vals[slots] == TOMBSTONE).sum())
+        keys[slots] = ids[winner]
+        vals[slots] = packed[winner]
+        won = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
+        won[winner] = True
+        go_on = ~won[idx]
+        idx = idx[go_on]
+        pos = (pos[go_on] + 1) & mask
+    return reused_tombstones
+
+
+def take_rows(free: Tensor, n_free: int, next_row: int, count: int) -> tuple[Tensor, int, int]:
+    """``count`` rows: the smallest free rows first (``free[:n_free]`` is sorted descending),
+    then fresh rows from the high-water mark ``next_row``. Returns ``(rows, n_free, next_row)``."""
+    reuse = min(count, n_free)
+    reused = free[n_free - reuse : n_free].flip(0)
+    fresh = torch.arange(next_row, next_row + count - reuse, device=free.device)
+    return torch.cat([reused, fresh]), n_free - reuse, next_row + count - reuse
+
+
+def map_lookup_or_insert(
+    keys: Tensor,
+    vals: Tensor,
+    ids: Tensor,
+    tags: Tensor | None,
+    free: Tensor,
+    n_free: int,
+    next_row: int,
+) -> tuple[Tensor, int, int, int, int]:
+    """Rows of unique keys, inserting the absent ones in input order.
+
+    New keys take the smallest free rows first, then grow from ``next_row``. The caller
+    guarantees room in the map. Returns ``(rows, n_new, n_free, next_row, tombstones_reused)``.
+    """
+    rows = map_lookup(keys, vals, ids, tags)
+    missing = (rows < 0).nonzero().squeeze(1)
+    reused = 0
+    if missing.numel():
+        new_rows, n_free, next_row = take_rows(free, n_free, next_row, missing.numel())
+        rows[missing] = new_rows
+        reused = _insert_absent(
+            keys, vals, ids[missing], None if tags is None else tags[missing], new_rows
+        )
+    return rows, missing.numel(), n_free, next_row, reused
+
+
+def map_delete(keys: Tensor, vals: Tensor, ids: Tensor, tags: Tensor | None) -> Tensor:
+    """Remove keys; returns the freed row of each key, -1 where it was absent.
+
+    Duplicate keys in ``ids`` are allowed: the first occurrence frees the row, later ones get -1.
+    """
+    uniq, uniq_tags, inverse = unique_with_inverse(ids, tags)
+    pos, rows = _probe(keys, vals, uniq, uniq_tags)
+    hit = pos >= 0
+    vals[pos[hit]] = TOMBSTONE
+    first = torch.full((uniq.numel(),), ids.numel(), dtype=torch.int64, device=ids.device)
+    first.scatter_reduce_(0, inverse, torch.arange(ids.numel(), device=ids.device), "amin")
+    out = torch.full_like(ids, -1)
+    out[first] = rows
+    return out
+
+
+def map_rebuild(keys: Tensor, vals: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """A fresh map of ``capacity`` slots holding the live entries (drops tombstones)."""
+    live = vals >= 0
+    ids, packed = keys[live], vals[live]
+    new_keys = torch.zeros(capacity, dtype=torch.int64, device=keys.device)
+    new_vals = torch.full((capacity,), EMPTY, dtype=torch.int64, device=keys.device)
+    tags = packed >> TAG_SHIFT
+    _insert_absent(new_keys, new_vals, ids, tags, packed & ROW_MASK)
+    return new_keys, new_vals
+
+
+def gather_rows(blocks: list[Tensor], block_size: int, rows: Tensor, out: Tensor) -> Tensor:
+    """``out[i] = row rows[i]`` of the block store; zero where ``rows[i] < 0``."""
+    out.zero_()
+    valid = (rows >= 0).nonzero().squeeze(1)
+    block_of = rows[valid] // block_size
+    for b in torch.unique(block_of).tolist():
+        sel = valid[block_of == b]
+        out[sel] = blocks[b][rows[sel] - b * block_size].to(out.dtype)
+    return out
+
+
+def scatter_rows(blocks: list[Tensor], block_size: int, rows: Tensor, values: Tensor) -> None:
+    """Write ``values[i]`` into row ``rows[i]``; rows < 0 are skipped. ``values`` may have a
+    single row, broadcast to every row."""
+    valid = (rows >= 0).nonzero().squeeze(1)
+    block_of = rows[valid] // block_size
+    broadcast = values.shape[0] == 1 and rows.numel() != 1
+    for b in torch.unique(block_of).tolist():
+        sel = valid[block_of == b]
+        src = values.expand(sel.numel(), -1) if broadcast else values[sel]
+        blocks[b][rows[sel] - b * block_size] = src.to(blocks[b].dtype)

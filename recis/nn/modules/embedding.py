@@ -1,0 +1,287 @@
+"""EmbeddingOption and DynamicEmbedding: one dynamic table plus a combiner over bags of IDs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from recis.nn.functional.embedding_ops import COMBINERS, bag_reduce
+from recis.nn.hashtable_hook import AdmitHook, FilterHook
+from recis.nn.initializers import ConstantInitializer, Initializer
+from recis.nn.modules.hashtable import HashTable, check_ids, gen_slice
+from recis.nn.modules.hashtable_hook_impl import HashtableHookFactory
+from recis.ragged.tensor import RaggedTensor
+
+__all__ = ["EmbeddingOption", "DynamicEmbedding", "Bags", "to_bags"]
+
+
+@dataclass
+class EmbeddingOption:
+    """Configuration of one embedding feature (RecIS's fields and defaults).
+
+    Features whose table fields (dim, dtype, device, initializer, grad_reduce_by, filter_hook,
+    block_size) are equal can share one physical table in :class:`EmbeddingEngine`.
+    """
+
+    embedding_dim: int = 16  # row width
+    block_size: int = 10240  # rows per storage block
+    dtype: torch.dtype = torch.float32  # storage dtype; int8 tables are read-only
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    trainable: bool = True  # False: outputs are detached (IDs are still admitted)
+    pg: Any = None  # process group (sharding); None = the default group
+    max_partition_num: int = 65536  # size of the ID slice space used for sharding
+    shared_name: str = "embedding"  # logical table; features with one shared_name share rows
+    children: list[str] = field(default_factory=list)  # [] -> [shared_name]
+    coalesced: bool = False  # the table serves several children
+    initializer: Initializer | None = None  # None -> ConstantInitializer(0)
+    use_weight: bool = True  # honour per-ID weights of ragged inputs
+    combiner: str = "sum"  # "sum", "mean" or "tile"
+    combiner_kwargs: dict | None = None  # tile: {"tile_len": n}
+    grad_reduce_by: str = "worker"  # "worker": sum over occurrences; "id": mean
+    filter_hook: FilterHook | None = None  # eviction policy
+    admit_hook: AdmitHook | None = None  # admission policy
+    fp16_enabled: bool = False  # int8 tables only: reduce in fp16 instead of fp32
+
+    def __post_init__(self):
+        if isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or (
+            self.embedding_dim <= 0
+        ):
+            raise ValueError(f"embedding_dim must be a positive int, got {self.embedding_dim!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or (
+            self.block_size <= 0
+        ):
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if not isinstance(self.dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {self.dtype!r}")
+        self.device = torch.device(self.device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device}")
+        if not isinstance(self.shared_name, str) or not self.shared_name:
+            raise ValueError(f"shared_name must be a non-empty str, got {self.shared_name!r}")
+        if not self.children:
+            self.children = [self.shared_name]
+        if self.initializer is None:
+            self.initializer = ConstantInitializer(0.0)
+        elif not isinstance(self.initializer, Initializer):
+            raise TypeError(f"initializer must be a recis Initializer, got {self.initializer!r}")
+        if self.combiner not in COMBINERS:
+            raise ValueError(f"combiner must be one of {COMBINERS}, got {self.combiner!r}")
+        if self.combiner == "tile":
+            tile_len = (self.combiner_kwargs or {}).get("tile_len")
+            if isinstance(tile_len, bool) or not isinstance(tile_len, int) or tile_len <= 0:
+                raise ValueError(
+                    "combiner='tile' needs combiner_kwargs={'tile_len': n} with n a positive "
+                    f"int, got combiner_kwargs={self.combiner_kwargs!r}"
+                )
+        if self.grad_reduce_by not in ("worker", "id"):
+            raise ValueError(
+                f"grad_reduce_by must be 'worker' or 'id', got {self.grad_reduce_by!r}"
+            )
+        if self.filter_hook is not None:
+            if not isinstance(self.filter_hook, FilterHook):
+                raise TypeError(f"filter_hook must be a FilterHook, got {self.filter_hook!r}")
+            if self.filter_hook.name not in HashtableHookFactory.filter_policies():
+                raise ValueError(
+                    f"Unknown filter policy {self.filter_hook.name!r}; registered: "
+                    f"{HashtableHookFactory.filter_policies()}"
+                )
+            step = self.filter_hook.params.get("filter_step", 100)
+            if self.filter_hook.name == "GlobalStepFilter" and (
+                isinstance(step, bool) or not isinstance(step, int) or step <= 0
+            ):
+                raise ValueError(f"filter_step must be a positive int, got {step!r}")
+        if self.admit_hook is not None:
+            if not isinstance(self.admit_hook, AdmitHook):
+                raise TypeError(f"admit_hook must be an AdmitHook, got {self.admit_hook!r}")
+            if self.admit_hook.name not in HashtableHookFactory.admit_policies():
+                raise ValueError(
+                    f"Unknown admit policy {self.admit_hook.name!r}; registered: "
+                    f"{HashtableHookFactory.admit_policies()}"
+                )
+        if self.fp16_enabled and self.dtype != torch.int8:
+            raise ValueError(f"fp16_enabled needs dtype=torch.int8, got dtype={self.dtype}")
+
+    @property
+    def tile_len(self) -> int | None:
+        return (self.combiner_kwargs or {}).get("tile_len")
+
+    def coalesced_info(self) -> str:
+        """JSON of the fields that define a physical table (equal -> shareable)."""
+        return json.dumps(
+            {
+                "dim": self.embedding_dim,
+                "dtype": str(self.dtype),
+                "device": self.device.type,
+                "initializer": str(self.initializer),
+                "grad_reduce_by": self.grad_reduce_by,
+                "filter_hook": str(self.filter_hook),
+                "block_size": self.block_size,
+            },
+            sort_keys=True,
+        )
+
+    def runtime_info(self) -> str:
+        """JSON of the per-feature lookup settings."""
+        return json.dumps(
+            {
+                "combiner": self.combiner,
+                "combiner_kwargs": self.combiner_kwargs,
+                "use_weight": self.use_weight,
+                "trainable": self.trainable,
+                "admit_hook": str(self.admit_hook),
+                "fp16_enabled": self.fp16_enabled,
+            },
+            sort_keys=True,
+        )
+
+
+@dataclass
+class Bags:
+    """A batch of ID bags in flat form: ``values[offsets[b]:offsets[b+1]]`` is bag ``b``."""
+
+    values: Tensor  # (N,) int64
+    offsets: Tensor  # (B + 1,) int64
+    weights: Tensor | None  # (N,) or None
+    out_shape: tuple[int, ...]  # leading shape of the output, e.g. (B,)
+
+
+def to_bags(ids: Any, input_weights: Tensor | None, device: torch.device) -> Bags:
+    """Validate an embedding input and flatten it to :class:`Bags`.
+
+    Accepted: a 1-D ID tensor (one ID per bag), a 2-D ``(B, K)`` ID tensor, or a
+    :class:`RaggedTensor` (its weights are used unless ``input_weights`` is given).
+    """
+    if isinstance(ids, RaggedTensor):
+        offsets = ids.offsets()[-1]
+        outer = ids.real_shape(0, ids.dim - 1)
+        rows = 1
+        for d in outer:
+            rows *= d
+        if rows != offsets.numel() - 1:
+            raise ValueError(
+                f"RaggedTensor of shape {tuple(ids.real_shape())} has {offsets.numel() - 1} "
+                f"innermost rows but its outer dims {tuple(outer)} need {rows}: pad it first"
+            )
+        values = check_ids(ids.values(), device, "ids.values()")
+        if input_weights is not None and ids.weight() is not None:
+            raise ValueError("give weights either inside the RaggedTensor or as input_weights")
+        weights = input_weights if input_weights is not None else ids.weight()
+        offsets = offsets.to(device=values.device, dtype=torch.int64)
+        out_shape = tuple(outer)
+    elif isinstance(ids, Tensor):
+        if ids.is_sparse:
+            raise TypeError("sparse ID tensors are not supported; use a RaggedTensor")
+        if ids.dim() not in (1, 2):
+            raise ValueError(
+                f"dense ids must be 1-D (one ID per bag) or 2-D (B, K), got shape "
+                f"{tuple(ids.shape)}; use a RaggedTensor for deeper nesting"
+            )
+        values = check_ids(ids, device)
+        batch = ids.shape[0]
+        per_bag = 1 if ids.dim() == 1 else ids.shape[1]
+        offsets = torch.arange(batch + 1, device=values.device, dtype=torch.int64) * per_bag
+        weights = input_weights
+        out_shape = (batch,)
+    else:
+        raise TypeError(f"ids must be a Tensor or RaggedTensor, got {type(ids).__name__}")
+    if weights is not None:
+        if not isinstance(weights, Tensor) or not weights.is_floating_point():
+            raise TypeError("weights must be a floating-point Tensor")
+        weights = weights.reshape(-1)
+        if weights.numel() != values.numel():
+            raise ValueError(
+                f"weights must have one value per ID ({values.numel()}), got {weights.numel()}"
+            )
+        if weights.device.type != values.device.type:
+            raise ValueError(f"weights are on {weights.device}, ids on {values.device}")
+    return Bags(values, offsets, weights, out_shape)
+
+
+def reduce_bags(
+    opt: EmbeddingOption, emb: Tensor, inverse: Tensor, bags: Bags, ragged: bool
+) -> Tensor:
+    """Apply ``opt``'s combiner to looked-up rows and shape the output."""
+    if not emb.dtype.is_floating_point:
+        emb = emb.to(torch.float16 if opt.fp16_enabled else torch.float32)
+    weights = bags.weights if opt.use_weight else None
+    out = bag_reduce(emb, inverse, bags.offsets, weights, opt.combiner, opt.tile_len)
+    if opt.combiner == "tile" and not ragged:
+        out = out.reshape(out.shape[0], -1)  # (B, tile_len * D)
+    out = out.reshape(*bags.out_shape, *out.shape[1:])
+    return out if opt.trainable else out.detach()
+
+
+class DynamicEmbedding(nn.Module):
+    """One dynamic table and a combiner: bags of raw IDs -> one row per bag.
+
+    Args:
+        emb_opt (EmbeddingOption): the table and combiner configuration.
+        pg (ProcessGroup, optional): reserved for sharding; only single-process tables are
+            supported in this version.
+
+    Shape:
+        - ``(N,)`` IDs -> ``(N, D)`` (each ID its own bag);
+        - ``(B, K)`` IDs -> ``(B, D)``;
+        - :class:`RaggedTensor` of shape ``(*S, L)`` -> ``(*S, D)``;
+        - with ``combiner="tile"``: ``(B, tile_len * D)`` for dense, ``(*S, tile_len, D)`` ragged.
+
+    ``combiner="sum"`` equals ``HashTable`` lookups of each ID followed by a (weighted) sum over
+    its bag; see :mod:`recis.nn.functional.embedding_ops` for mean and tile.
+
+    Example::
+
+        >>> emb = DynamicEmbedding(EmbeddingOption(embedding_dim=8, shared_name="user"))
+        >>> emb(torch.LongTensor([[1, 2], [3, 4]])).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, emb_opt: EmbeddingOption, pg: Any = None):
+        super().__init__()
+        if not isinstance(emb_opt, EmbeddingOption):
+            raise TypeError(f"emb_opt must be an EmbeddingOption, got {type(emb_opt).__name__}")
+        pg = pg if pg is not None else emb_opt.pg
+        world = 1
+        if pg is not None:
+            world = torch.distributed.get_world_size(pg)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+        if world > 1:
+            raise NotImplementedError(
+                "sharded DynamicEmbedding (world size > 1) is not implemented yet; run one "
+                "process per model replica or wait for the sharding release"
+            )
+        self._pg = pg
+        self._emb_opt = copy.copy(emb_opt)
+        self.hashtable = HashTable(
+            embedding_shape=[emb_opt.embedding_dim],
+            block_size=emb_opt.block_size,
+            dtype=emb_opt.dtype,
+            device=emb_opt.device,
+            coalesced=emb_opt.coalesced,
+            children=emb_opt.children,
+            slice=gen_slice(0, 1, emb_opt.max_partition_num),
+            initializer=emb_opt.initializer,
+            name=emb_opt.shared_name,
+            grad_reduce_by=emb_opt.grad_reduce_by,
+            filter_hook=emb_opt.filter_hook,
+        )
+
+    @property
+    def emb_opt(self) -> EmbeddingOption:
+        return self._emb_opt
+
+    def forward(
+        self, ids: Tensor | RaggedTensor, input_weights: Tensor | None = None
+    ) -> Tensor:
+        bags = to_bags(ids, input_weights, self.hashtable.device)
+        emb, inverse = self.hashtable.lookup_unique(bags.values, None, self._emb_opt.admit_hook)
+        return reduce_bags(self._emb_opt, emb, inverse, bags, isinstance(ids, RaggedTensor))
+
+    def extra_repr(self) -> str:
+        o = self._emb_opt
+        return f"shared_name={o.shared_name!r}, dim={o.embedding_dim}, combiner={o.combiner!r}"

@@ -1,0 +1,131 @@
+"""EmbeddingEngine: many embedding features over as few physical tables as possible."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from recis.nn.modules.embedding import DynamicEmbedding, EmbeddingOption, reduce_bags, to_bags
+from recis.ragged.tensor import RaggedTensor
+
+__all__ = ["EmbeddingEngine"]
+
+
+class EmbeddingEngine(nn.Module):
+    """Embeds a dict of features; features with equal table configuration share one table.
+
+    * Features with the same ``shared_name`` share IDs and rows (one logical table).
+    * Logical tables whose configuration (:meth:`EmbeddingOption.coalesced_info`) is equal live
+      as children of one physical table, looked up once per forward (once per distinct admit
+      hook). Children keep separate ID spaces: equal IDs of two features never collide, and no
+      bit of an ID is lost (RecIS overwrites the top 12 bits with the child index).
+    * Each feature keeps its own combiner, weights, ``trainable`` and admit hook.
+    * Features without an option pass through unchanged.
+
+    Args:
+        emb_options (dict[str, EmbeddingOption]): feature name -> option.
+
+    Example::
+
+        >>> engine = EmbeddingEngine({
+        ...     "user": EmbeddingOption(embedding_dim=8, shared_name="user"),
+        ...     "item": EmbeddingOption(embedding_dim=8, shared_name="item", combiner="mean"),
+        ... })
+        >>> out = engine({"user": torch.LongTensor([[1, 2]]), "item": torch.LongTensor([[1]])})
+        >>> out["user"].shape, len(engine._ht)
+        (torch.Size([1, 8]), 1)
+    """
+
+    def __init__(self, emb_options: Mapping[str, EmbeddingOption]):
+        super().__init__()
+        if not isinstance(emb_options, Mapping):
+            raise TypeError(f"emb_options must be a dict, got {type(emb_options).__name__}")
+        table_of_shared: dict[str, str] = {}
+        info_of_shared: dict[str, str] = {}
+        children: dict[str, list[str]] = {}
+        first_opt: dict[str, EmbeddingOption] = {}
+        self._fea_to_ht: dict[str, str] = {}
+        self._fea_child: dict[str, int] = {}
+        self._options: dict[str, EmbeddingOption] = {}
+        for fea, opt in emb_options.items():
+            if not isinstance(opt, EmbeddingOption):
+                raise TypeError(
+                    f"emb_options[{fea!r}] must be an EmbeddingOption, got {type(opt).__name__}"
+                )
+            info = opt.coalesced_info()
+            shared = opt.shared_name
+            if shared in info_of_shared and info_of_shared[shared] != info:
+                raise ValueError(
+                    f"feature {fea!r} uses shared_name {shared!r} with a table configuration "
+                    f"different from an earlier feature's: {info} vs {info_of_shared[shared]}"
+                )
+            ht_name = "CoalescedHashtable_" + hashlib.sha256(info.encode()).hexdigest()
+            info_of_shared[shared] = info
+            table_of_shared[shared] = ht_name
+            kids = children.setdefault(ht_name, [])
+            if shared not in kids:
+                kids.append(shared)
+            first_opt.setdefault(ht_name, opt)
+            self._fea_to_ht[fea] = ht_name
+            self._fea_child[fea] = kids.index(shared)
+            self._options[fea] = opt
+        self._ht = nn.ModuleDict()
+        for ht_name, kids in children.items():
+            opt = copy.copy(first_opt[ht_name])
+            opt.coalesced, opt.children, opt.shared_name = True, list(kids), ht_name
+            self._ht[ht_name] = DynamicEmbedding(opt)
+        self._fea_to_group = {
+            fea: (self._fea_to_ht[fea], str(opt.admit_hook)) for fea, opt in self._options.items()
+        }
+
+    def hashtable(self, feature: str):
+        """The physical :class:`HashTable` serving ``feature``."""
+        return self._ht[self._fea_to_ht[feature]].hashtable
+
+    def child_name(self, feature: str) -> str:
+        """The logical table (child) of ``feature`` in its physical table."""
+        return self._options[feature].shared_name
+
+    def forward(self, input_features: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(input_features, Mapping):
+            raise TypeError(f"input_features must be a dict, got {type(input_features).__name__}")
+        outputs: dict[str, Any] = {}
+        groups: dict[tuple[str, str], list[str]] = {}
+        for fea, value in input_features.items():
+            if fea in self._options:
+                groups.setdefault(self._fea_to_group[fea], []).append(fea)
+            else:
+                outputs[fea] = value
+        for (ht_name, _), feas in groups.items():
+            table = self._ht[ht_name].hashtable
+            bags = {}
+            for fea in feas:
+                try:
+                    bags[fea] = to_bags(input_features[fea], None, table.device)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"feature {fea!r}: {e}") from None
+            values = torch.cat([bags[f].values for f in feas])
+            tags = None
+            if len(table.children_hashtable) > 1:
+                tags = torch.cat([
+                    torch.full_like(bags[f].values, self._fea_child[f]) for f in feas
+                ])
+            emb, inverse = table.lookup_unique(values, tags, self._options[feas[0]].admit_hook)
+            start = 0
+            for fea in feas:
+                n = bags[fea].values.numel()
+                outputs[fea] = reduce_bags(
+                    self._options[fea], emb, inverse[start : start + n], bags[fea],
+                    isinstance(input_features[fea], RaggedTensor),
+                )
+                start += n
+        return {fea: outputs[fea] for fea in input_features}
+
+    def extra_repr(self) -> str:
+        return f"features={list(self._options)}, tables={len(self._ht)}"
+

@@ -1,0 +1,278 @@
+"""Admission and filter policies, registered by name.
+
+A hook configuration (:class:`~recis.nn.hashtable_hook.AdmitHook`,
+:class:`~recis.nn.hashtable_hook.FilterHook`) names a policy; this module maps names to policy
+classes and creates them for tables. Add a policy without touching the library::
+
+    from recis.nn.modules.hashtable_hook_impl import BaseFilterHookImpl, regist_filter
+
+    @regist_filter("DropOddIds")
+    class DropOddIds(BaseFilterHookImpl):
+        def filter(self, ids, tags, rows):
+            return ids % 2 == 1
+
+    FilterHook("DropOddIds")  # now usable in HashTable / EmbeddingOption
+
+Built in: admission ``"ReadOnly"``; filter ``"GlobalStepFilter"``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from recis.nn.hashtable_hook import AdmitHook, FilterHook
+from recis.utils.logger import Logger
+
+if TYPE_CHECKING:
+    from recis.nn.modules.hashtable import HashTable
+
+logger = Logger(__name__)
+
+__all__ = [
+    "BaseAdmitHookImpl",
+    "BaseFilterHookImpl",
+    "ReadOnlyHookImpl",
+    "GlobalStepFilterHookImpl",
+    "HashtableHookFactory",
+    "regist_admit",
+    "regist_filter",
+    "live_filters",
+]
+
+_ADMIT_POLICIES: dict[str, type] = {}
+_FILTER_POLICIES: dict[str, type] = {}
+_LIVE_FILTERS: list[weakref.ref] = []  # creation order; dead entries pruned on access
+
+
+def _register(registry: dict[str, type], kind: str, name: str, cls: type | None):
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{kind} policy name must be a non-empty str, got {name!r}")
+
+    def add(c: type) -> type:
+        if name in registry:
+            raise ValueError(
+                f"a {kind} policy is already registered under the name {name!r} "
+                f"({registry[name].__name__})"
+            )
+        registry[name] = c
+        return c
+
+    return add if cls is None else add(cls)
+
+
+def regist_admit(name: str, cls: type | None = None) -> Callable | type:
+    """Register an admission policy class under ``name`` (usable as a decorator)."""
+    return _register(_ADMIT_POLICIES, "admit", name, cls)
+
+
+def regist_filter(name: str, cls: type | None = None) -> Callable | type:
+    """Register a filter policy class under ``name`` (usable as a decorator)."""
+    return _register(_FILTER_POLICIES, "filter", name, cls)
+
+
+def _policy(registry: dict[str, type], kind: str, name: str) -> type:
+    try:
+        return registry[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown {kind} policy {name!r}; registered: {sorted(registry)}"
+        ) from None
+
+
+def live_filters() -> list[BaseFilterHookImpl]:
+    """Filter policies of live tables in this process, in creation order."""
+    alive = []
+    for ref in list(_LIVE_FILTERS):
+        impl = ref()
+        if impl is None or impl.table is None:
+            _LIVE_FILTERS.remove(ref)
+        else:
+            alive.append(impl)
+    return alive
+
+
+# -- admission ---------------------------------------------------------------------------------
+class BaseAdmitHookImpl:
+    """Decides which unknown IDs of a training lookup get a row.
+
+    Subclasses implement :meth:`admit`; ``admits_nothing = True`` lets the table skip the call.
+    """
+
+    admits_nothing = False
+
+    def __init__(self, **params: Any):
+        if params:
+            raise TypeError(f"{type(self).__name__} takes no parameters, got {sorted(params)}")
+
+    def admit(self, table: HashTable, ids: Tensor, tags: Tensor | None) -> Tensor:
+        """Bool mask over ``ids`` (unknown, unique): True = insert."""
+        raise NotImplementedError
+
+
+@regist_admit("ReadOnly")
+class ReadOnlyHookImpl(BaseAdmitHookImpl):
+    """Admit no new ID: unknown IDs read as zero rows and leave no trace in the table."""
+
+    admits_nothing = True
+
+    def admit(self, table: HashTable, ids: Tensor, tags: Tensor | None) -> Tensor:
+        return torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
+
+
+# -- filters -----------------------------------------------------------------------------------
+class BaseFilterHookImpl(nn.Module):
+    """A filter policy attached to one table (a submodule of it, so its state is saved with it).
+
+    Contract:
+
+    * :meth:`slots` declares per-row metadata slots ``(name, row_shape, dtype, default)``; the
+      table allocates them (and resets them when a row is removed).
+    * :meth:`update` sees the rows each training lookup touched.
+    * :meth:`update_step` is called once per :class:`HashTableFilterHook` step.
+    * :meth:`filter` returns which live rows to remove; :meth:`do_filter` removes them.
+    """
+
+    def __init__(self, table: HashTable, name: str | None = None):
+        super().__init__()
+        self._table_ref = weakref.ref(table)
+        self._name = name or type(self).__name__
+
+    @property
+    def table(self) -> HashTable | None:
+        return self._table_ref()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def slots(self) -> list[tuple[str, tuple[int, ...], torch.dtype, Any]]:
+        return []
+
+    def update(self, rows: Tensor) -> None:
+        """Called with the (valid, unique) rows of every training lookup and insert."""
+
+    def update_step(self, step_size: int = 1) -> None:
+        """Advance the policy's clock."""
+
+    def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
+        """Bool mask over the live ``(ids, tags, rows)``: True = remove."""
+        raise NotImplementedError
+
+    def forward(self, rows: Tensor) -> None:
+        self.update(rows)
+
+    @torch.no_grad()
+    def do_filter(self) -> int:
+        """Remove the rows :meth:`filter` selects; returns how many were removed."""
+        table = self.table
+        if table is None:
+            return 0
+        ids, tags, rows = table._id_map.items()
+        if ids.numel() == 0:
+            return 0
+        remove = self.filter(ids, tags, rows)
+        removed = table._delete_keys(ids[remove], tags[remove])
+        logger.debug(
+            "%s on %s: %d live rows, %d removed", self._name, table.name, ids.numel(), removed
+        )
+        return removed
+
+
+@regist_filter("GlobalStepFilter")
+class GlobalStepFilterHookImpl(BaseFilterHookImpl):
+    """Remove rows not looked up during the last ``filter_step`` steps.
+
+    The policy keeps a step counter ``G`` (a buffer, saved in the table's ``state_dict``) that
+    :class:`~recis.hooks.filter_hook.HashTableFilterHook` advances by one per ``after_step``.
+    Training lookups and :meth:`HashTable.insert` stamp ``G`` into the rows they touch; a run of
+    the filter removes rows whose stamp is ``< G - filter_step``. With one lookup and one
+    ``after_step`` per step from step 0, an ID last seen at step ``s`` is removed by the first
+    filter run at a step ``c`` with ``c - s >= filter_step``.
+
+    Args:
+        filter_step (int): steps without a lookup after which a row is removed. Must be > 0.
+            Default: 100.
+        name (str): the slot holding each row's stamp. Default: ``"step_filter"``.
+    """
+
+    def __init__(self, table: HashTable, filter_step: int = 100, name: str = "step_filter"):
+        if isinstance(filter_step, bool) or not isinstance(filter_step, int):
+            raise TypeError(f"filter_step must be an int, got {type(filter_step).__name__}")
+        if filter_step <= 0:
+            raise ValueError(f"filter_step must be > 0, got {filter_step}")
+        super().__init__(table, name)
+        self.filter_step = filter_step
+        self.register_buffer(
+            "_global_step", torch.zeros(1, dtype=torch.int64, device=table.device)
+        )
+
+    @property
+    def global_step(self) -> int:
+        return int(self._global_step.item())
+
+    def slots(self):
+        return [(self._name, (1,), torch.int64, 0)]
+
+    def update(self, rows: Tensor) -> None:
+        table = self.table
+        if table is not None and rows.numel():
+            table._slots.scatter(self._name, rows, self._global_step.view(1, 1))
+
+    def update_step(self, step_size: int = 1) -> None:
+        self._global_step += step_size
+
+    def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
+        stamps = self.table._slots.gather(self._name, rows).view(-1)
+        return stamps < self._global_step - self.filter_step
+
+    def extra_repr(self) -> str:
+        return f"filter_step={self.filter_step}, name={self._name!r}"
+
+
+class HashtableHookFactory:
+    """RecIS's entry point to the policy registries (a process-wide singleton)."""
+
+    _instance: HashtableHookFactory | None = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    regist_admit = staticmethod(regist_admit)
+    regist_filter = staticmethod(regist_filter)
+
+    @staticmethod
+    def admit_policies() -> list[str]:
+        return sorted(_ADMIT_POLICIES)
+
+    @staticmethod
+    def filter_policies() -> list[str]:
+        return sorted(_FILTER_POLICIES)
+
+    @staticmethod
+    def create_admit_hook(table: HashTable | None, hook: AdmitHook) -> BaseAdmitHookImpl:
+        if not isinstance(hook, AdmitHook):
+            raise TypeError(f"admit_hook must be an AdmitHook, got {type(hook).__name__}")
+        return _policy(_ADMIT_POLICIES, "admit", hook.name)(**hook.params)
+
+    @staticmethod
+    def create_filter_hook(table: HashTable, hook: FilterHook) -> BaseFilterHookImpl:
+        if not isinstance(hook, FilterHook):
+            raise TypeError(f"filter_hook must be a FilterHook, got {type(hook).__name__}")
+        impl = _policy(_FILTER_POLICIES, "filter", hook.name)(table, **hook.params)
+        _LIVE_FILTERS.append(weakref.ref(impl))
+        return impl
+
+    @staticmethod
+    def get_filters() -> dict[str, dict[HashTable, BaseFilterHookImpl]]:
+        """``{policy name: {table: policy}}`` of the live tables."""
+        out: dict[str, dict] = {}
+        for impl in live_filters():
+            out.setdefault(impl.name, {})[impl.table] = impl
+        return out
