@@ -11,7 +11,9 @@ environment variable ``RECIS_KERNELS=torch`` asks for the reference everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -28,11 +30,27 @@ _NUMBA_DTYPES = {torch.float32, torch.float64, torch.int64, torch.int32, torch.i
 _EMPTY_TAGS = np.zeros(0, np.int64)
 
 
+_forced: str | None = None
+
+
 def use_numba(device: torch.device) -> bool:
     """True when CPU kernels should run through numba for tensors on ``device``."""
-    return _numba is not None and device.type == "cpu" and os.environ.get(
-        "RECIS_KERNELS", "numba"
-    ) != "torch"
+    choice = _forced or os.environ.get("RECIS_KERNELS", "numba")
+    return _numba is not None and device.type == "cpu" and choice != "torch"
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Run the block with ``"torch"`` or ``"numba"`` kernels (tables created inside keep it for
+    their slot storage). For tests and benchmarks."""
+    global _forced
+    if name not in ("torch", "numba"):
+        raise ValueError(f"backend must be 'torch' or 'numba', got {name!r}")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
 
 
 def _np_tags(tags: Tensor | None) -> np.ndarray:
