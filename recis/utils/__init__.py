@@ -1,0 +1,3 @@
+from recis.utils.logger import Logger
+
+__all__ = ["Logger"]
