@@ -121,6 +121,13 @@ class SlotStore:
             self._blocks[name].gather(self.block_size, rows, out)
         return out.view(rows.numel(), *spec.row_shape)
 
+    def bag_reduce(self, name: str, rows: Tensor, inverse: Tensor, offsets: Tensor,
+                   weights: Tensor | None, mean: bool, out: Tensor) -> bool:
+        """Fused gather + bag sum/mean of a slot into ``out`` (``[B, width]``); False when no
+        fused kernel serves this slot (the caller then gathers and reduces with torch)."""
+        return self._blocks[name].bag_reduce(self.block_size, rows, inverse, offsets, weights,
+                                             mean, out)
+
     def scatter(self, name: str, rows: Tensor, values: Tensor) -> None:
         """Write ``values`` (``[len(rows), *row_shape]`` or one row) into rows; rows < 0 skipped."""
         spec = self.spec(name)

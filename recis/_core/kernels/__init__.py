@@ -100,50 +100,74 @@ def map_rebuild(keys: Tensor, vals: Tensor, capacity: int) -> tuple[Tensor, Tens
 
 
 class BlockList:
-    """The blocks of one slot: 2-D tensors ``[block_size, width]``, plus the numba view of them.
+    """The blocks of one slot: contiguous 2-D tensors ``[block_size, width]`` of one dtype.
 
-    Keeping the numba typed list in step with the tensors avoids rebuilding it per call.
+    For the numba kernels it also keeps the blocks' data addresses in an int64 array; the
+    tensors in :attr:`tensors` keep that memory alive.
     """
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.tensors: list[Tensor] = []
-        self._numba_list = None
-        if use_numba(device) and dtype in _NUMBA_DTYPES:
-            from numba.typed import List
-
-            self._numba_list = List()
+        self._numba = use_numba(device) and dtype in _NUMBA_DTYPES
+        self._ptrs = np.zeros(0, np.int64)
 
     def append(self, block: Tensor) -> None:
+        if not block.is_contiguous():
+            raise ValueError("blocks must be contiguous")
         self.tensors.append(block)
-        if self._numba_list is not None:
-            self._numba_list.append(block.numpy())
+        if self._numba:
+            self._ptrs = np.append(self._ptrs, np.int64(block.data_ptr()))
 
     def clear(self) -> None:
         self.tensors.clear()
-        if self._numba_list is not None:
-            from numba.typed import List
-
-            self._numba_list = List()
+        self._ptrs = np.zeros(0, np.int64)
 
     def __len__(self) -> int:
         return len(self.tensors)
 
+    def _numba_ok(self, other: Tensor) -> bool:
+        return self._numba and bool(self.tensors) and other.dtype == self.tensors[0].dtype
+
     def gather(self, block_size: int, rows: Tensor, out: Tensor) -> Tensor:
         """``out[i]`` = row ``rows[i]``, zeros where ``rows[i] < 0``; ``out`` is ``[n, width]``."""
-        numba_ok = self._numba_list is not None and len(self.tensors)
-        if numba_ok and out.dtype == self.tensors[0].dtype:
-            _numba.gather_rows(self._numba_list, block_size, rows.numpy(), out.numpy())
+        if self._numba_ok(out):
+            _numba.gather_rows(self._ptrs, block_size, rows.numpy(), out.numpy())
             return out
         return _torch.gather_rows(self.tensors, block_size, rows, out)
 
     def scatter(self, block_size: int, rows: Tensor, values: Tensor) -> None:
         """Row ``rows[i]`` = ``values[i]`` (or ``values[0]`` for all when it has one row)."""
-        if (
-            self._numba_list is not None
-            and len(self.tensors)
-            and values.dtype == self.tensors[0].dtype
-            and values.is_contiguous()
-        ):
-            _numba.scatter_rows(self._numba_list, block_size, rows.numpy(), values.numpy())
+        if self._numba_ok(values) and values.is_contiguous():
+            _numba.scatter_rows(self._ptrs, block_size, rows.numpy(), values.numpy())
             return
         _torch.scatter_rows(self.tensors, block_size, rows, values)
+
+    def bag_reduce(
+        self, block_size: int, rows: Tensor, inverse: Tensor, offsets: Tensor,
+        weights: Tensor | None, mean: bool, out: Tensor,
+    ) -> bool:
+        """Fused lookup + sum/mean over bags into ``out`` (``[B, width]``) with the numba
+        kernel; returns False (doing nothing) when this block list has no numba path."""
+        if not self._numba_ok(out):
+            return False
+        w = _no_weights(out) if weights is None else weights.to(out.dtype).numpy()
+        _numba.bag_reduce_rows(self._ptrs, block_size, rows.numpy(), inverse.numpy(),
+                               offsets.numpy(), w, mean, out.numpy())
+        return True
+
+
+def _no_weights(like: Tensor) -> np.ndarray:
+    return np.zeros(0, like.numpy().dtype)
+
+
+def bag_reduce_backward(
+    inverse: Tensor, offsets: Tensor, weights: Tensor | None, mean: bool, grad_out: Tensor,
+    num_unique: int,
+) -> Tensor:
+    """Per-unique-row gradient of a fused bag sum/mean (CPU, numba)."""
+    grad_out = grad_out.contiguous()
+    grad = torch.zeros(num_unique, grad_out.shape[1], dtype=grad_out.dtype)
+    w = _no_weights(grad_out) if weights is None else weights.to(grad_out.dtype).numpy()
+    _numba.bag_reduce_backward(inverse.numpy(), offsets.numpy(), w, mean, grad_out.numpy(),
+                               grad.numpy())
+    return grad

@@ -8,9 +8,10 @@ first use and cached to disk (``cache=True``).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
-from numba import njit
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ._torch import EMPTY, ROW_MASK, TAG_SHIFT, TOMBSTONE
 
@@ -158,34 +159,103 @@ def map_rebuild(keys, vals, capacity):
     return new_keys, new_vals
 
 
+@intrinsic
+def _as_pointer(typingctx, address):
+    """An int64 address as a ``void*`` (to view a block's memory with ``carray``)."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(address), codegen
+
+
+# Blocks are passed as an int64 array of their data addresses (the caller keeps the tensors
+# alive): indexing a typed list of arrays costs a reference-count round trip per row, which
+# made a gather 3x slower than reading from one flat array.
+
+
 @njit(cache=True, nogil=True)
-def gather_rows(blocks, block_size, rows, out):
+def gather_rows(block_ptrs, block_size, rows, out):
     width = out.shape[1]
     for i in range(rows.shape[0]):
         r = rows[i]
         if r < 0:
             out[i, :] = 0
-        else:
-            src = blocks[r // block_size]
-            o = r % block_size
-            for j in range(width):
-                out[i, j] = src[o, j]
+            continue
+        src = carray(_as_pointer(block_ptrs[r // block_size]), (block_size, width), out.dtype)
+        o = r % block_size
+        for j in range(width):
+            out[i, j] = src[o, j]
     return out
 
 
 @njit(cache=True, nogil=True)
-def scatter_rows(blocks, block_size, rows, values):
+def scatter_rows(block_ptrs, block_size, rows, values):
     width = values.shape[1]
     broadcast = values.shape[0] == 1 and rows.shape[0] != 1
     for i in range(rows.shape[0]):
         r = rows[i]
         if r < 0:
             continue
-        dst = blocks[r // block_size]
+        dst = carray(_as_pointer(block_ptrs[r // block_size]), (block_size, width), values.dtype)
         o = r % block_size
         k = 0 if broadcast else i
         for j in range(width):
             dst[o, j] = values[k, j]
 
 
-NUMBA_VERSION = numba.__version__
+
+@njit(cache=True, nogil=True)
+def bag_reduce_rows(block_ptrs, block_size, rows, inverse, offsets, weights, mean, out):
+    """Fused lookup + combiner: ``out[b] = sum_i w_i * row(rows[inverse[i]])`` over bag ``b``
+    (divided by ``sum_i w_i`` when ``mean``; 0 for an empty bag or zero total weight). Rows
+    < 0 read as zeros. ``weights`` (dtype of ``out``) of length 0 means all ones."""
+    width = out.shape[1]
+    has_weights = weights.shape[0] > 0
+    one = out.dtype.type(1)
+    for b in range(offsets.shape[0] - 1):
+        acc = out[b]
+        acc[:] = 0
+        total = 0.0
+        for i in range(offsets[b], offsets[b + 1]):
+            w = weights[i] if has_weights else one
+            total += w
+            r = rows[inverse[i]]
+            if r < 0:
+                continue
+            src = carray(_as_pointer(block_ptrs[r // block_size]), (block_size, width), out.dtype)
+            row = src[r % block_size]
+            if has_weights:
+                for j in range(width):
+                    acc[j] += w * row[j]
+            else:
+                for j in range(width):
+                    acc[j] += row[j]
+        if mean:
+            scale = out.dtype.type(1.0 / total if total != 0.0 else 0.0)
+            for j in range(width):
+                acc[j] *= scale
+
+
+@njit(cache=True, nogil=True)
+def bag_reduce_backward(inverse, offsets, weights, mean, grad_out, grad_unique):
+    """Gradient of :func:`bag_reduce_rows` per unique row: ``grad_unique[inverse[i]] +=
+    w_i * scale_b * grad_out[b]``; ``grad_unique`` must be zeroed by the caller."""
+    width = grad_out.shape[1]
+    has_weights = weights.shape[0] > 0
+    one = grad_out.dtype.type(1)
+    for b in range(offsets.shape[0] - 1):
+        scale = one
+        if mean:
+            total = 0.0
+            for i in range(offsets[b], offsets[b + 1]):
+                total += weights[i] if has_weights else one
+            scale = grad_out.dtype.type(1.0 / total if total != 0.0 else 0.0)
+        g = grad_out[b]
+        for i in range(offsets[b], offsets[b + 1]):
+            w = (weights[i] if has_weights else one) * scale
+            dst = grad_unique[inverse[i]]
+            for j in range(width):
+                dst[j] += w * g[j]

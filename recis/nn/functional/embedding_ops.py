@@ -13,11 +13,75 @@ Every combiner is defined by a simpler computation, which the tests use as the o
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from recis._core import kernels
+
+if TYPE_CHECKING:
+    from recis.nn.modules.hashtable import HashTable, Lookup
+
 COMBINERS = ("sum", "mean", "tile")
+EMBEDDING_SLOT = "embedding"
+
+
+def table_bag_reduce(
+    table: HashTable,
+    lookup: Lookup,
+    offsets: Tensor,
+    weights: Tensor | None = None,
+    combiner: str = "sum",
+    tile_len: int | None = None,
+    inverse: Tensor | None = None,
+) -> Tensor:
+    """Combine the rows of a table lookup (:meth:`HashTable.resolve`) over bags.
+
+    Same result as ``bag_reduce(table.gather(lookup), inverse, offsets, ...)``, which is the
+    reference and the path on GPU; on CPU, sum and mean over a float table run as one fused
+    numba pass that reads rows straight from the blocks, with a fused backward that produces
+    one gradient row per unique ID. ``inverse`` defaults to ``lookup.inverse`` (the engine
+    passes one feature's slice of it).
+    """
+    inverse = lookup.inverse if inverse is None else inverse
+    if combiner in ("sum", "mean") and table.dtype.is_floating_point:
+        num_bags = offsets.numel() - 1
+        width = table._slots.spec(EMBEDDING_SLOT).width
+        out = torch.empty(num_bags, width, dtype=table.dtype, device=table.device)
+        if weights is not None:
+            weights = weights.to(table.dtype)
+        if lookup.records_grad:
+            fused = kernels.use_numba(table.device) and table._slots.bag_reduce(
+                EMBEDDING_SLOT, lookup.rows, inverse, offsets, weights, combiner == "mean", out
+            )
+            if fused:
+                out = _FusedBagLookup.apply(out, table._backward_holder, table, lookup, inverse,
+                                            offsets, weights, combiner == "mean")
+                return out.view(num_bags, *table.embedding_shape)
+        elif table._slots.bag_reduce(EMBEDDING_SLOT, lookup.rows, inverse, offsets, weights,
+                                     combiner == "mean", out):
+            return out.view(num_bags, *table.embedding_shape)
+    return bag_reduce(table.gather(lookup), inverse, offsets, weights, combiner, tile_len)
+
+
+class _FusedBagLookup(torch.autograd.Function):
+    """Attaches the fused kernel's backward to an output computed by ``bag_reduce_rows``."""
+
+    @staticmethod
+    def forward(ctx, out, holder, table, lookup, inverse, offsets, weights, mean):
+        ctx.table, ctx.lookup, ctx.mean = table, lookup, mean
+        ctx.save_for_backward(inverse, offsets, weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inverse, offsets, weights = ctx.saved_tensors
+        grad = kernels.bag_reduce_backward(inverse, offsets, weights, ctx.mean, grad_out,
+                                           ctx.lookup.rows.numel())
+        ctx.table._accept_lookup_grad(ctx.lookup, grad.view(-1, *ctx.table.embedding_shape))
+        return (None,) * 8
 
 
 def bag_reduce(

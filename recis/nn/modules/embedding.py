@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from recis.nn.functional.embedding_ops import COMBINERS, bag_reduce
+from recis.nn.functional.embedding_ops import COMBINERS, bag_reduce, table_bag_reduce
 from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.nn.initializers import ConstantInitializer, Initializer
-from recis.nn.modules.hashtable import HashTable, check_ids, gen_slice
+from recis.nn.modules.hashtable import HashTable, Lookup, check_ids, gen_slice
 from recis.nn.modules.hashtable_hook_impl import HashtableHookFactory
 from recis.ragged.tensor import RaggedTensor
 
@@ -203,13 +203,18 @@ def to_bags(ids: Any, input_weights: Tensor | None, device: torch.device) -> Bag
 
 
 def reduce_bags(
-    opt: EmbeddingOption, emb: Tensor, inverse: Tensor, bags: Bags, ragged: bool
+    opt: EmbeddingOption, table: HashTable, lookup: Lookup, bags: Bags, ragged: bool,
+    inverse: Tensor | None = None,
 ) -> Tensor:
-    """Apply ``opt``'s combiner to looked-up rows and shape the output."""
-    if not emb.dtype.is_floating_point:
-        emb = emb.to(torch.float16 if opt.fp16_enabled else torch.float32)
+    """Apply ``opt``'s combiner to the rows of a lookup and shape the output."""
     weights = bags.weights if opt.use_weight else None
-    out = bag_reduce(emb, inverse, bags.offsets, weights, opt.combiner, opt.tile_len)
+    if table.dtype.is_floating_point:
+        out = table_bag_reduce(table, lookup, bags.offsets, weights, opt.combiner, opt.tile_len,
+                               inverse)
+    else:  # integer (e.g. int8) tables are reduced in fp32, or fp16 when asked
+        emb = table.gather(lookup).to(torch.float16 if opt.fp16_enabled else torch.float32)
+        inverse = lookup.inverse if inverse is None else inverse
+        out = bag_reduce(emb, inverse, bags.offsets, weights, opt.combiner, opt.tile_len)
     if opt.combiner == "tile" and not ragged:
         out = out.reshape(out.shape[0], -1)  # (B, tile_len * D)
     out = out.reshape(*bags.out_shape, *out.shape[1:])
@@ -279,8 +284,9 @@ class DynamicEmbedding(nn.Module):
         self, ids: Tensor | RaggedTensor, input_weights: Tensor | None = None
     ) -> Tensor:
         bags = to_bags(ids, input_weights, self.hashtable.device)
-        emb, inverse = self.hashtable.lookup_unique(bags.values, None, self._emb_opt.admit_hook)
-        return reduce_bags(self._emb_opt, emb, inverse, bags, isinstance(ids, RaggedTensor))
+        lookup = self.hashtable.resolve(bags.values, None, self._emb_opt.admit_hook)
+        return reduce_bags(self._emb_opt, self.hashtable, lookup, bags,
+                           isinstance(ids, RaggedTensor))
 
     def extra_repr(self) -> str:
         o = self._emb_opt

@@ -115,13 +115,14 @@ class EmbeddingEngine(nn.Module):
                 tags = torch.cat([
                     torch.full_like(bags[f].values, self._fea_child[f]) for f in feas
                 ])
-            emb, inverse = table.lookup_unique(values, tags, self._options[feas[0]].admit_hook)
+            lookup = table.resolve(values, tags, self._options[feas[0]].admit_hook)
             start = 0
             for fea in feas:
                 n = bags[fea].values.numel()
                 outputs[fea] = reduce_bags(
-                    self._options[fea], emb, inverse[start : start + n], bags[fea],
+                    self._options[fea], table, lookup, bags[fea],
                     isinstance(input_features[fea], RaggedTensor),
+                    lookup.inverse[start : start + n] if len(feas) > 1 else None,
                 )
                 start += n
         return {fea: outputs[fea] for fea in input_features}

@@ -9,7 +9,7 @@ kept in the table (:meth:`HashTable.grad`) for the sparse optimizers.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -106,29 +106,28 @@ def check_ids(ids: Any, device: torch.device, arg: str = "ids") -> Tensor:
     return ids.reshape(-1).to(torch.int64)
 
 
+class Lookup(NamedTuple):
+    """The rows behind one lookup: ``rows[inverse]`` are the rows of the looked-up IDs."""
+
+    rows: Tensor  # (U,) int64, -1 for IDs that were not admitted
+    inverse: Tensor  # (N,) int64 index into rows
+    counts: Tensor | None  # (U,) occurrences of each unique ID when grad_reduce_by="id"
+    all_valid: bool  # no row is -1
+    records_grad: bool  # backward hands the gradient to the table
+
+
 class _TableLookup(torch.autograd.Function):
-    """Gathers embedding rows; backward hands the per-row gradient to the table."""
+    """Gathers the embedding rows of a lookup; backward hands the gradient to the table."""
 
     @staticmethod
-    def forward(ctx, holder: Tensor, table: HashTable, rows: Tensor, counts: Tensor | None):
-        ctx.table, ctx.counts = table, counts
-        ctx.save_for_backward(rows)
-        return table._slots.gather(EMBEDDING_SLOT, rows)
+    def forward(ctx, holder: Tensor, table: HashTable, lookup: Lookup):
+        ctx.table, ctx.lookup = table, lookup
+        return table._slots.gather(EMBEDDING_SLOT, lookup.rows)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (rows,) = ctx.saved_tensors
-        valid = rows >= 0
-        grad = grad[valid]
-        if ctx.counts is not None:  # grad_reduce_by="id": mean over occurrences
-            shape = (-1,) + (1,) * (grad.dim() - 1)
-            grad = grad / ctx.counts[valid].view(shape).to(grad.dtype)
-        else:  # "worker": sum over occurrences, divided by the number of workers
-            world = _world_size()
-            if world > 1:
-                grad = grad / world
-        ctx.table.accept_grad(rows[valid], grad)
-        return None, None, None, None
+        ctx.table._accept_lookup_grad(ctx.lookup, grad)
+        return None, None, None
 
 
 class HashTable(nn.Module):
@@ -231,6 +230,7 @@ class HashTable(nn.Module):
         self._admit_impls: dict[str, BaseAdmitHookImpl] = {}
         self._grad_rows: list[Tensor] = []
         self._grad_values: list[Tensor] = []
+        self._grad_unique = False
         self._backward_holder = torch.zeros(1, requires_grad=True)
         self._filter_hook = filter_hook
         if filter_hook is not None:
@@ -333,20 +333,20 @@ class HashTable(nn.Module):
     def _writable(self) -> bool:
         return self.training and self._dtype.is_floating_point
 
-    def lookup_unique(
+    def resolve(
         self, ids: Tensor, tags: Tensor | None = None, admit_hook: AdmitHook | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Embeddings of the unique IDs and the inverse index: ``emb[inverse]`` is the lookup.
+    ) -> Lookup:
+        """Map IDs to rows: admit (training) or not (eval, read-only), stamp the filter.
 
         ``ids`` must be flat int64 (see :func:`check_ids`); ``tags`` optional child indices of
-        the same length. Returns ``(emb (U, *embedding_shape), inverse (N,))``.
+        the same length. The embeddings are read by :meth:`gather` or a fused combiner.
         """
-        uniq, uniq_tags, inverse = kernels.unique_with_inverse(ids, tags)
         if admit_hook is not None and not isinstance(admit_hook, AdmitHook):
             raise TypeError(f"admit_hook must be an AdmitHook, got {type(admit_hook).__name__}")
         policy = self._admit_impl(admit_hook) if admit_hook is not None else None
         training = self._writable
         with torch.no_grad():
+            uniq, uniq_tags, inverse = kernels.unique_with_inverse(ids, tags)
             if not training or (policy is not None and policy.admits_nothing):
                 rows = self._id_map.lookup(uniq, uniq_tags)
             elif policy is None:
@@ -363,17 +363,43 @@ class HashTable(nn.Module):
                         assume_unique=True,
                     )
             self._slots.ensure_rows(self._id_map.row_high_water)
+            all_valid = training and policy is None
             if training:
-                valid_rows = rows if policy is None else rows[rows >= 0]
-                self._filter_hook_impl(valid_rows)
-        if training and torch.is_grad_enabled():
-            counts = None
-            if self._grad_reduce_by == "id":
-                counts = torch.bincount(inverse, minlength=uniq.numel())
-            emb = _TableLookup.apply(self._backward_holder, self, rows, counts)
-        else:
-            emb = self._slots.gather(EMBEDDING_SLOT, rows)
-        return emb, inverse
+                self._filter_hook_impl(rows if all_valid else rows[rows >= 0])
+        records_grad = training and torch.is_grad_enabled()
+        counts = None
+        if records_grad and self._grad_reduce_by == "id":
+            counts = torch.bincount(inverse, minlength=uniq.numel())
+        return Lookup(rows, inverse, counts, all_valid, records_grad)
+
+    def gather(self, lookup: Lookup) -> Tensor:
+        """Embeddings of a lookup's unique rows ``(U, *embedding_shape)``, differentiable when
+        the lookup records gradients (zeros for rows that were not admitted)."""
+        if lookup.records_grad:
+            return _TableLookup.apply(self._backward_holder, self, lookup)
+        return self._slots.gather(EMBEDDING_SLOT, lookup.rows)
+
+    def lookup_unique(
+        self, ids: Tensor, tags: Tensor | None = None, admit_hook: AdmitHook | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Embeddings of the unique IDs and the inverse index: ``emb[inverse]`` is the lookup."""
+        lookup = self.resolve(ids, tags, admit_hook)
+        return self.gather(lookup), lookup.inverse
+
+    def _accept_lookup_grad(self, lookup: Lookup, grad: Tensor) -> None:
+        """Backward of a lookup: ``grad`` holds one row per unique ID of ``lookup``."""
+        rows = lookup.rows
+        if not lookup.all_valid:
+            valid = rows >= 0
+            rows, grad = rows[valid], grad[valid]
+        if lookup.counts is not None:  # grad_reduce_by="id": mean over occurrences
+            counts = lookup.counts if lookup.all_valid else lookup.counts[lookup.rows >= 0]
+            grad = grad / counts.view((-1,) + (1,) * (grad.dim() - 1)).to(grad.dtype)
+        else:  # "worker": sum over occurrences, divided by the number of workers
+            world = _world_size()
+            if world > 1:
+                grad = grad / world
+        self.accept_grad(rows, grad, _unique=True)
 
     def forward(self, ids: Tensor, admit_hook: AdmitHook | None = None) -> Tensor:
         """Rows of ``ids`` (any shape) as ``(ids.numel(), *embedding_shape)``."""
@@ -478,7 +504,7 @@ class HashTable(nn.Module):
         return self._slots.blocks(name)
 
     # -- gradients ---------------------------------------------------------------------------
-    def accept_grad(self, grad_index: Tensor, grad: Tensor) -> None:
+    def accept_grad(self, grad_index: Tensor, grad: Tensor, _unique: bool = False) -> None:
         """Keep a gradient for rows ``grad_index`` (accumulated until :meth:`clear_grad`)."""
         if grad_index.dtype != torch.int64:
             raise TypeError(f"grad_index must be int64, got {grad_index.dtype}")
@@ -488,15 +514,23 @@ class HashTable(nn.Module):
             )
         self._grad_rows.append(grad_index.detach())
         self._grad_values.append(grad.detach().to(self._dtype))
+        self._grad_unique = _unique and len(self._grad_rows) == 1
 
     def grad_rows(self, acc_steps: int = 1) -> tuple[Tensor, Tensor]:
-        """The accumulated gradient as ``(unique rows ascending, per-row sum / acc_steps)``."""
+        """The accumulated gradient as ``(unique rows, per-row sum / acc_steps)``.
+
+        Rows are ascending, except for the gradient of a single lookup, which is returned as
+        it came (its rows are already unique).
+        """
         shape = self._embedding_shape
         if not self._grad_rows:
             return (
                 torch.zeros(0, dtype=torch.int64, device=self._device),
                 torch.zeros(0, *shape, dtype=self._dtype, device=self._device),
             )
+        if self._grad_unique:
+            values = self._grad_values[0]
+            return self._grad_rows[0], values / acc_steps if acc_steps != 1 else values
         rows = torch.cat(self._grad_rows)
         values = torch.cat(self._grad_values)
         uniq, inverse = torch.unique(rows, return_inverse=True)
@@ -514,6 +548,8 @@ class HashTable(nn.Module):
         if isinstance(acc_steps, bool) or not isinstance(acc_steps, int) or acc_steps <= 0:
             raise ValueError(f"acc_steps must be a positive int, got {acc_steps!r}")
         rows, values = self.grad_rows(acc_steps)
+        rows, order = torch.sort(rows)
+        values = values[order]
         size = (max(self._slots.capacity, 1), *self._embedding_shape)
         return torch.sparse_coo_tensor(rows.unsqueeze(0), values, size, is_coalesced=True,
                                        check_invariants=False)
@@ -521,6 +557,7 @@ class HashTable(nn.Module):
     def clear_grad(self) -> None:
         self._grad_rows.clear()
         self._grad_values.clear()
+        self._grad_unique = False
 
 
 def _put_table_in_state_dict(module: HashTable, state_dict: dict, prefix: str, local_metadata):
