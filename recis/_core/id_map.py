@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .kernels._torch import EMPTY, ROW_MASK, TAG_SHIFT
+from .kernels._torch import ROW_MASK, TAG_SHIFT
 
 MAX_TAGS = 1 << 15  # tags share the value word with the row (bits 48..62)
 
@@ -39,8 +39,7 @@ class IdMap:
         cap = self.MIN_CAPACITY
         while cap < capacity:
             cap *= 2
-        self._keys = torch.zeros(cap, dtype=torch.int64, device=self.device)
-        self._vals = torch.full((cap,), EMPTY, dtype=torch.int64, device=self.device)
+        self._table = kernels.new_table(cap, self.device)  # [cap, 2]: (key, row | tag << 48)
         self._size = 0  # live keys
         self._used = 0  # live keys + tombstones
         # Freed rows, sorted descending in free[:n_free], so the smallest is popped first.
@@ -54,7 +53,7 @@ class IdMap:
 
     @property
     def capacity(self) -> int:
-        return self._keys.numel()
+        return self._table.shape[0]
 
     @property
     def row_high_water(self) -> int:
@@ -62,7 +61,7 @@ class IdMap:
         return self._next_row
 
     def memory_bytes(self) -> int:
-        return (self._keys.numel() + self._vals.numel() + self._free.numel()) * 8
+        return (self._table.numel() + self._free.numel()) * 8
 
     # -- operations --------------------------------------------------------------------------
     def _reserve(self, extra: int) -> None:
@@ -73,14 +72,14 @@ class IdMap:
         cap = self.capacity
         while self._size + extra > self.MAX_LOAD * 0.75 * cap:
             cap *= 2
-        self._keys, self._vals = kernels.map_rebuild(self._keys, self._vals, cap)
+        self._table = kernels.map_rebuild(self._table, cap)
         self._used = self._size
 
     def lookup(self, ids: Tensor, tags: Tensor | None = None) -> Tensor:
         """Row of each ID, -1 where absent. Never inserts."""
         if ids.numel() == 0:
             return torch.zeros(0, dtype=torch.int64, device=self.device)
-        return kernels.map_lookup(self._keys, self._vals, ids, tags)
+        return kernels.map_lookup(self._table, ids, tags)
 
     def lookup_or_insert(
         self, ids: Tensor, tags: Tensor | None = None, *, assume_unique: bool = False
@@ -98,7 +97,7 @@ class IdMap:
         if self._n_free == 0 and self._free.numel():
             self._free = self._free[:0]
         rows, n_new, self._n_free, self._next_row, reused = kernels.map_lookup_or_insert(
-            self._keys, self._vals, ids, tags, self._free, self._n_free, self._next_row
+            self._table, ids, tags, self._free, self._n_free, self._next_row
         )
         if self._next_row > ROW_MASK:
             raise RuntimeError(f"ID map holds more than {ROW_MASK} rows")
@@ -111,7 +110,7 @@ class IdMap:
         first rows handed to new IDs, smallest first."""
         if ids.numel() == 0:
             return torch.zeros(0, dtype=torch.int64, device=self.device)
-        rows = kernels.map_delete(self._keys, self._vals, ids, tags)
+        rows = kernels.map_delete(self._table, ids, tags)
         freed = rows[rows >= 0]
         if freed.numel():
             self._size -= freed.numel()
@@ -122,8 +121,8 @@ class IdMap:
 
     def items(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(ids, tags, rows)`` of every live key, ordered by row."""
-        live = self._vals >= 0
-        ids, packed = self._keys[live], self._vals[live]
+        live = self._table[:, 1] >= 0
+        ids, packed = self._table[live, 0], self._table[live, 1]
         rows = packed & ROW_MASK
         order = torch.argsort(rows)
         return ids[order], (packed >> TAG_SHIFT)[order], rows[order]
@@ -135,9 +134,7 @@ class IdMap:
     def to(self, device: torch.device | str) -> IdMap:
         """A copy of this map on ``device`` (slot positions rebuilt for that backend)."""
         other = IdMap(device, self.capacity)
-        other._keys, other._vals = kernels.map_rebuild(
-            self._keys.to(device), self._vals.to(device), self.capacity
-        )
+        other._table = kernels.map_rebuild(self._table.to(device), self.capacity)
         other._size = other._used = self._size
         other._free = self._free[: self._n_free].to(device)
         other._n_free = self._n_free

@@ -12,8 +12,10 @@ environment variable ``RECIS_KERNELS=torch`` asks for the reference everywhere.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -53,6 +55,35 @@ def backend(name: str) -> Iterator[None]:
         _forced = previous
 
 
+_PARALLEL_MIN = 8192  # below this many items a second thread costs more than it saves
+_pool: ThreadPoolExecutor | None = None
+
+
+def _threads() -> int:
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
+def _run_all(jobs: list[Callable[[], object]]) -> None:
+    """Run jobs concurrently: the first in this thread, the others in the kernel pool."""
+    global _pool
+    if len(jobs) > 1 and (_pool is None or _pool._max_workers < len(jobs) - 1):
+        _pool = ThreadPoolExecutor(len(jobs) - 1, thread_name_prefix="recis-kernel")
+    futures = [_pool.submit(job) for job in jobs[1:]]
+    jobs[0]()
+    for f in futures:
+        f.result()
+
+
+def _in_ranges(fn: Callable, n: int, *args, work: int | None = None) -> None:
+    """Run ``fn(*args, lo, hi)`` over ``[0, n)`` split across ``torch.get_num_threads()``
+    threads when ``work`` (default ``n``) items make it worth it. The numba kernels release
+    the GIL and each range writes disjoint outputs, so results do not depend on the split;
+    the threads overlap the cache misses of random rows."""
+    parts = _threads() if (n if work is None else work) >= _PARALLEL_MIN else 1
+    bounds = [n * k // parts for k in range(parts + 1)]
+    _run_all([functools.partial(fn, *args, bounds[k], bounds[k + 1]) for k in range(parts)])
+
+
 def _np_tags(tags: Tensor | None) -> np.ndarray:
     return _EMPTY_TAGS if tags is None else tags.numpy()
 
@@ -61,42 +92,56 @@ def unique_with_inverse(ids: Tensor, tags: Tensor | None) -> tuple[Tensor, Tenso
     """Unique ``(id, tag)`` keys in first-occurrence order and the inverse index."""
     if not use_numba(ids.device):
         return _torch.unique_with_inverse(ids, tags)
+    # one thread: splitting by hash partition was measured slower (branchy, no prefetch)
     uniq, uniq_tags, inverse = _numba.unique_with_inverse(ids.numpy(), _np_tags(tags))
     out_tags = None if tags is None else torch.from_numpy(uniq_tags)
     return torch.from_numpy(uniq), out_tags, torch.from_numpy(inverse)
 
 
-def map_lookup(keys: Tensor, vals: Tensor, ids: Tensor, tags: Tensor | None) -> Tensor:
-    if not use_numba(keys.device):
-        return _torch.map_lookup(keys, vals, ids, tags)
-    return torch.from_numpy(_numba.map_lookup(keys.numpy(), vals.numpy(), ids.numpy(),
-                                              _np_tags(tags)))
+def new_table(capacity: int, device: torch.device) -> Tensor:
+    """An empty ``[capacity, 2]`` hash-map table (layout in :mod:`._torch`)."""
+    return _torch.new_table(capacity, device)
+
+
+def map_lookup(table: Tensor, ids: Tensor, tags: Tensor | None) -> Tensor:
+    """Row of each key, -1 where absent."""
+    if not use_numba(table.device):
+        return _torch.map_lookup(table[:, 0], table[:, 1], ids, tags)
+    rows = np.empty(ids.numel(), np.int64)
+    _in_ranges(_numba.map_lookup_range, ids.numel(), table.numpy(), ids.numpy(), _np_tags(tags),
+               rows)
+    return torch.from_numpy(rows)
 
 
 def map_lookup_or_insert(
-    keys: Tensor, vals: Tensor, ids: Tensor, tags: Tensor | None, free: Tensor, n_free: int,
-    next_row: int,
+    table: Tensor, ids: Tensor, tags: Tensor | None, free: Tensor, n_free: int, next_row: int,
 ) -> tuple[Tensor, int, int, int, int]:
-    if not use_numba(keys.device):
-        return _torch.map_lookup_or_insert(keys, vals, ids, tags, free, n_free, next_row)
-    rows, n_new, n_free, next_row, reused = _numba.map_lookup_or_insert(
-        keys.numpy(), vals.numpy(), ids.numpy(), _np_tags(tags), free.numpy(), n_free, next_row
+    """Rows of unique keys, inserting absent ones; ``(rows, n_new, n_free, next_row,
+    tombstones_reused)``."""
+    if not use_numba(table.device):
+        return _torch.map_lookup_or_insert(table[:, 0], table[:, 1], ids, tags, free, n_free,
+                                           next_row)
+    # Lookups run in parallel; the absent keys are then inserted in input order by one thread,
+    # which keeps row assignment deterministic.
+    rows = map_lookup(table, ids, tags)
+    n_new, n_free, next_row, reused = _numba.map_insert_missing(
+        table.numpy(), ids.numpy(), _np_tags(tags), rows.numpy(), free.numpy(), n_free, next_row
     )
-    return torch.from_numpy(rows), int(n_new), int(n_free), int(next_row), int(reused)
+    return rows, int(n_new), int(n_free), int(next_row), int(reused)
 
 
-def map_delete(keys: Tensor, vals: Tensor, ids: Tensor, tags: Tensor | None) -> Tensor:
-    if not use_numba(keys.device):
-        return _torch.map_delete(keys, vals, ids, tags)
-    return torch.from_numpy(_numba.map_delete(keys.numpy(), vals.numpy(), ids.numpy(),
-                                              _np_tags(tags)))
+def map_delete(table: Tensor, ids: Tensor, tags: Tensor | None) -> Tensor:
+    """Remove keys; the freed row of each, -1 where absent."""
+    if not use_numba(table.device):
+        return _torch.map_delete(table[:, 0], table[:, 1], ids, tags)
+    return torch.from_numpy(_numba.map_delete(table.numpy(), ids.numpy(), _np_tags(tags)))
 
 
-def map_rebuild(keys: Tensor, vals: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
-    if not use_numba(keys.device):
-        return _torch.map_rebuild(keys, vals, capacity)
-    new_keys, new_vals = _numba.map_rebuild(keys.numpy(), vals.numpy(), capacity)
-    return torch.from_numpy(new_keys), torch.from_numpy(new_vals)
+def map_rebuild(table: Tensor, capacity: int) -> Tensor:
+    """A new table of ``capacity`` slots with the live entries of ``table``."""
+    if not use_numba(table.device):
+        return _torch.map_rebuild(table[:, 0], table[:, 1], capacity)
+    return torch.from_numpy(_numba.map_rebuild(table.numpy(), capacity))
 
 
 class BlockList:
@@ -131,7 +176,9 @@ class BlockList:
     def gather(self, block_size: int, rows: Tensor, out: Tensor) -> Tensor:
         """``out[i]`` = row ``rows[i]``, zeros where ``rows[i] < 0``; ``out`` is ``[n, width]``."""
         if self._numba_ok(out):
-            _numba.gather_rows(self._ptrs, block_size, rows.numpy(), out.numpy())
+            addresses = _numba.row_addresses(self._ptrs, block_size, rows.numpy(),
+                                             out.shape[1] * out.element_size())
+            _in_ranges(_numba.gather_range, rows.numel(), addresses, out.numpy())
             return out
         return _torch.gather_rows(self.tensors, block_size, rows, out)
 
@@ -151,8 +198,10 @@ class BlockList:
         if not self._numba_ok(out):
             return False
         w = _no_weights(out) if weights is None else weights.to(out.dtype).numpy()
-        _numba.bag_reduce_rows(self._ptrs, block_size, rows.numpy(), inverse.numpy(),
-                               offsets.numpy(), w, mean, out.numpy())
+        addresses = _numba.row_addresses(self._ptrs, block_size, rows.numpy(),
+                                         out.shape[1] * out.element_size())
+        _in_ranges(_numba.bag_reduce_range, offsets.numel() - 1, addresses, inverse.numpy(),
+                   offsets.numpy(), w, mean, out.numpy(), work=inverse.numel())
         return True
 
 
@@ -164,10 +213,12 @@ def bag_reduce_backward(
     inverse: Tensor, offsets: Tensor, weights: Tensor | None, mean: bool, grad_out: Tensor,
     num_unique: int,
 ) -> Tensor:
-    """Per-unique-row gradient of a fused bag sum/mean (CPU, numba)."""
+    """Per-unique-row gradient of a fused bag sum/mean (CPU, numba): occurrences are grouped
+    by unique row, then each row's gradient is summed in one pass (parallel over rows)."""
     grad_out = grad_out.contiguous()
-    grad = torch.zeros(num_unique, grad_out.shape[1], dtype=grad_out.dtype)
+    grad = torch.empty(num_unique, grad_out.shape[1], dtype=grad_out.dtype)
     w = _no_weights(grad_out) if weights is None else weights.to(grad_out.dtype).numpy()
-    _numba.bag_reduce_backward(inverse.numpy(), offsets.numpy(), w, mean, grad_out.numpy(),
-                               grad.numpy())
+    plan = _numba.bag_backward_plan(inverse.numpy(), offsets.numpy(), w, mean, num_unique)
+    _in_ranges(_numba.bag_backward_range, num_unique, *plan, grad_out.numpy(), grad.numpy(),
+               work=inverse.numel())
     return grad

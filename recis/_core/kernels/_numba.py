@@ -9,6 +9,7 @@ first use and cached to disk (``cache=True``).
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -18,6 +19,27 @@ from ._torch import EMPTY, ROW_MASK, TAG_SHIFT, TOMBSTONE
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
+_PREFETCH_AHEAD = 16  # probes issued ahead: hides most of a cache miss on this hardware
+
+
+@intrinsic
+def _prefetch(typingctx, address):
+    """Hint the CPU to load the cache line at an int64 address (read, keep in all levels)."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.PointerType(ir.IntType(8))
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+            "llvm.prefetch.p0i8",
+        )
+        ptr = builder.inttoptr(args[0], i8p)
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(address), codegen
 
 
 @njit(inline="always", cache=True)
@@ -29,6 +51,14 @@ def _hash(key, tag):
 
 
 @njit(cache=True, nogil=True)
+def _hashes(ids, tags, has_tags):
+    out = np.empty(ids.shape[0], np.int64)
+    for i in range(ids.shape[0]):
+        out[i] = _hash(ids[i], tags[i] if has_tags else 0)
+    return out
+
+
+@njit(cache=True, nogil=True)
 def unique_with_inverse(ids, tags):
     """See ``_torch.unique_with_inverse``; ``tags`` of length 0 means all tags are 0."""
     n = ids.shape[0]
@@ -37,26 +67,32 @@ def unique_with_inverse(ids, tags):
     while cap < 2 * n:
         cap *= 2
     mask = cap - 1
-    table = np.full(cap, -1, np.int64)
+    hashes = _hashes(ids, tags, has_tags)
+    table = np.empty((cap, 2), np.int64)  # (key, index into uniq) side by side
+    table[:, 1] = -1
+    base = table.ctypes.data
     uniq = np.empty(n, np.int64)
     uniq_tags = np.zeros(n if has_tags else 0, np.int64)
     inverse = np.empty(n, np.int64)
     count = 0
     for i in range(n):
+        if i + _PREFETCH_AHEAD < n:
+            _prefetch(base + (hashes[i + _PREFETCH_AHEAD] & mask) * 16)
         key = ids[i]
         tag = tags[i] if has_tags else 0
-        s = _hash(key, tag) & mask
+        s = hashes[i] & mask
         while True:
-            j = table[s]
+            j = table[s, 1]
             if j < 0:
-                table[s] = count
+                table[s, 0] = key
+                table[s, 1] = count
                 uniq[count] = key
                 if has_tags:
                     uniq_tags[count] = tag
                 inverse[i] = count
                 count += 1
                 break
-            if uniq[j] == key and (not has_tags or uniq_tags[j] == tag):
+            if table[s, 0] == key and (not has_tags or uniq_tags[j] == tag):
                 inverse[i] = j
                 break
             s = (s + 1) & mask
@@ -64,12 +100,11 @@ def unique_with_inverse(ids, tags):
 
 
 @njit(inline="always", cache=True)
-def _find(keys, vals, key, tag, mask):
-    """(position of the key or -1, first reusable slot seen on the probe path)."""
-    s = _hash(key, tag) & mask
+def _find(table, key, tag, s, mask):
+    """(slot of the key or -1, first reusable slot on the probe path) from start slot s."""
     reusable = -1
     while True:
-        v = vals[s]
+        v = table[s, 1]
         if v == EMPTY:
             if reusable < 0:
                 reusable = s
@@ -77,86 +112,105 @@ def _find(keys, vals, key, tag, mask):
         if v == TOMBSTONE:
             if reusable < 0:
                 reusable = s
-        elif keys[s] == key and (v >> TAG_SHIFT) == tag:
+        elif table[s, 0] == key and (v >> TAG_SHIFT) == tag:
             return s, reusable
         s = (s + 1) & mask
 
 
 @njit(cache=True, nogil=True)
-def map_lookup(keys, vals, ids, tags):
+def map_lookup_range(table, ids, tags, rows, lo, hi):
+    """``rows[i]`` = row of ``ids[i]`` or -1, for ``i`` in ``[lo, hi)`` (read-only: ranges can
+    run in parallel threads)."""
     n = ids.shape[0]
     has_tags = tags.shape[0] == n and n > 0
-    mask = keys.shape[0] - 1
-    rows = np.empty(n, np.int64)
-    for i in range(n):
+    mask = table.shape[0] - 1
+    base = table.ctypes.data
+    ahead = np.empty(_PREFETCH_AHEAD, np.int64)  # slots of the next keys, in a ring
+    for i in range(lo, min(hi, lo + _PREFETCH_AHEAD)):
+        ahead[i - lo] = _hash(ids[i], tags[i] if has_tags else 0) & mask
+    for i in range(lo, hi):
+        s = ahead[(i - lo) % _PREFETCH_AHEAD]
+        k = i + _PREFETCH_AHEAD
+        if k < hi:
+            nxt = _hash(ids[k], tags[k] if has_tags else 0) & mask
+            ahead[(i - lo) % _PREFETCH_AHEAD] = nxt
+            _prefetch(base + nxt * 16)
         tag = tags[i] if has_tags else 0
-        s, _ = _find(keys, vals, ids[i], tag, mask)
-        rows[i] = vals[s] & ROW_MASK if s >= 0 else -1
-    return rows
+        found, _ = _find(table, ids[i], tag, s, mask)
+        rows[i] = table[found, 1] & ROW_MASK if found >= 0 else -1
 
 
 @njit(cache=True, nogil=True)
-def map_lookup_or_insert(keys, vals, ids, tags, free, n_free, next_row):
-    """Returns ``(rows, n_new, n_free, next_row, n_tombstones_reused)``."""
+def map_insert_missing(table, ids, tags, rows, free, n_free, next_row):
+    """Insert the unique keys with ``rows[i] < 0``, in input order, filling ``rows``.
+
+    New keys take the smallest free rows first (``free[:n_free]`` sorted descending), then
+    fresh rows. Returns ``(n_new, n_free, next_row, n_tombstones_reused)``."""
     n = ids.shape[0]
     has_tags = tags.shape[0] == n and n > 0
-    mask = keys.shape[0] - 1
-    rows = np.empty(n, np.int64)
-    n_new = 0
-    reused_tombstones = 0
+    mask = table.shape[0] - 1
+    base = table.ctypes.data
+    missing = np.empty(n, np.int64)
+    n_missing = 0
     for i in range(n):
+        if rows[i] < 0:
+            missing[n_missing] = i
+            n_missing += 1
+    reused_tombstones = 0
+    for m in range(n_missing):
+        if m + _PREFETCH_AHEAD < n_missing:
+            k = missing[m + _PREFETCH_AHEAD]
+            _prefetch(base + (_hash(ids[k], tags[k] if has_tags else 0) & mask) * 16)
+        i = missing[m]
         key = ids[i]
         tag = tags[i] if has_tags else 0
-        s, reusable = _find(keys, vals, key, tag, mask)
-        if s >= 0:
-            rows[i] = vals[s] & ROW_MASK
-            continue
+        _, slot = _find(table, key, tag, _hash(key, tag) & mask, mask)
         if n_free > 0:
             n_free -= 1
             row = free[n_free]
         else:
             row = next_row
             next_row += 1
-        if vals[reusable] == TOMBSTONE:
+        if table[slot, 1] == TOMBSTONE:
             reused_tombstones += 1
-        keys[reusable] = key
-        vals[reusable] = row | (np.int64(tag) << TAG_SHIFT)
+        table[slot, 0] = key
+        table[slot, 1] = row | (np.int64(tag) << TAG_SHIFT)
         rows[i] = row
-        n_new += 1
-    return rows, n_new, n_free, next_row, reused_tombstones
+    return n_missing, n_free, next_row, reused_tombstones
 
 
 @njit(cache=True, nogil=True)
-def map_delete(keys, vals, ids, tags):
+def map_delete(table, ids, tags):
     n = ids.shape[0]
     has_tags = tags.shape[0] == n and n > 0
-    mask = keys.shape[0] - 1
+    mask = table.shape[0] - 1
     rows = np.empty(n, np.int64)
     for i in range(n):
         tag = tags[i] if has_tags else 0
-        s, _ = _find(keys, vals, ids[i], tag, mask)
+        s, _ = _find(table, ids[i], tag, _hash(ids[i], tag) & mask, mask)
         if s >= 0:
-            rows[i] = vals[s] & ROW_MASK
-            vals[s] = TOMBSTONE
+            rows[i] = table[s, 1] & ROW_MASK
+            table[s, 1] = TOMBSTONE
         else:
             rows[i] = -1
     return rows
 
 
 @njit(cache=True, nogil=True)
-def map_rebuild(keys, vals, capacity):
-    new_keys = np.zeros(capacity, np.int64)
-    new_vals = np.full(capacity, EMPTY, np.int64)
+def map_rebuild(table, capacity):
+    new = np.empty((capacity, 2), np.int64)
+    new[:, 0] = 0
+    new[:, 1] = EMPTY
     mask = capacity - 1
-    for s in range(keys.shape[0]):
-        v = vals[s]
+    for s in range(table.shape[0]):
+        v = table[s, 1]
         if v >= 0:
-            t = _hash(keys[s], v >> TAG_SHIFT) & mask
-            while new_vals[t] != EMPTY:
+            t = _hash(table[s, 0], v >> TAG_SHIFT) & mask
+            while new[t, 1] != EMPTY:
                 t = (t + 1) & mask
-            new_keys[t] = keys[s]
-            new_vals[t] = v
-    return new_keys, new_vals
+            new[t, 0] = table[s, 0]
+            new[t, 1] = v
+    return new
 
 
 @intrinsic
@@ -177,85 +231,142 @@ def _as_pointer(typingctx, address):
 
 
 @njit(cache=True, nogil=True)
-def gather_rows(block_ptrs, block_size, rows, out):
+def _row_addresses(block_ptrs, block_size, rows, row_bytes):
+    """Data address of each row (0 for rows < 0): one division per row, done once."""
+    out = np.empty(rows.shape[0], np.int64)
+    for u in range(rows.shape[0]):
+        r = rows[u]
+        out[u] = block_ptrs[r // block_size] + (r % block_size) * row_bytes if r >= 0 else 0
+    return out
+
+
+@njit(inline="always", cache=True)
+def _prefetch_row(address, row_bytes):
+    if address != 0:
+        for q in range(0, row_bytes, 64):
+            _prefetch(address + q)
+
+
+@njit(cache=True, nogil=True)
+def row_addresses(block_ptrs, block_size, rows, row_bytes):
+    """Data address of each row (0 for rows < 0): one division per row, done once."""
+    return _row_addresses(block_ptrs, block_size, rows, row_bytes)
+
+
+@njit(cache=True, nogil=True)
+def gather_range(addresses, out, lo, hi):
+    """``out[i]`` = the row at ``addresses[i]`` (zeros for address 0), ``i`` in [lo, hi)."""
     width = out.shape[1]
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        if r < 0:
+    row_bytes = width * out.itemsize
+    for i in range(lo, hi):
+        if i + _PREFETCH_AHEAD < hi:
+            _prefetch_row(addresses[i + _PREFETCH_AHEAD], row_bytes)
+        if addresses[i] == 0:
             out[i, :] = 0
             continue
-        src = carray(_as_pointer(block_ptrs[r // block_size]), (block_size, width), out.dtype)
-        o = r % block_size
+        src = carray(_as_pointer(addresses[i]), (width,), out.dtype)
         for j in range(width):
-            out[i, j] = src[o, j]
-    return out
+            out[i, j] = src[j]
 
 
 @njit(cache=True, nogil=True)
 def scatter_rows(block_ptrs, block_size, rows, values):
     width = values.shape[1]
     broadcast = values.shape[0] == 1 and rows.shape[0] != 1
+    addresses = _row_addresses(block_ptrs, block_size, rows, width * values.itemsize)
     for i in range(rows.shape[0]):
-        r = rows[i]
-        if r < 0:
+        if addresses[i] == 0:
             continue
-        dst = carray(_as_pointer(block_ptrs[r // block_size]), (block_size, width), values.dtype)
-        o = r % block_size
+        dst = carray(_as_pointer(addresses[i]), (width,), values.dtype)
         k = 0 if broadcast else i
         for j in range(width):
-            dst[o, j] = values[k, j]
+            dst[j] = values[k, j]
 
 
-
-@njit(cache=True, nogil=True)
-def bag_reduce_rows(block_ptrs, block_size, rows, inverse, offsets, weights, mean, out):
-    """Fused lookup + combiner: ``out[b] = sum_i w_i * row(rows[inverse[i]])`` over bag ``b``
-    (divided by ``sum_i w_i`` when ``mean``; 0 for an empty bag or zero total weight). Rows
-    < 0 read as zeros. ``weights`` (dtype of ``out``) of length 0 means all ones."""
+@njit(cache=True, nogil=True, fastmath=True)
+def bag_reduce_range(addresses, inverse, offsets, weights, mean, out, lo, hi):
+    """Fused lookup + combiner for bags ``[lo, hi)``: ``out[b] = sum_i w_i * row_i`` with
+    ``row_i`` the row at ``addresses[inverse[i]]`` (zeros for address 0); divided by
+    ``sum_i w_i`` when ``mean`` (0 for an empty bag or zero total weight). ``weights`` (dtype
+    of ``out``) of length 0 means all ones."""
     width = out.shape[1]
+    row_bytes = width * out.itemsize
     has_weights = weights.shape[0] > 0
+    end = offsets[hi]
     one = out.dtype.type(1)
-    for b in range(offsets.shape[0] - 1):
-        acc = out[b]
-        acc[:] = 0
+    for b in range(lo, hi):
+        for j in range(width):
+            out[b, j] = 0
         total = 0.0
         for i in range(offsets[b], offsets[b + 1]):
+            if i + _PREFETCH_AHEAD < end:
+                _prefetch_row(addresses[inverse[i + _PREFETCH_AHEAD]], row_bytes)
             w = weights[i] if has_weights else one
             total += w
-            r = rows[inverse[i]]
-            if r < 0:
+            address = addresses[inverse[i]]
+            if address == 0:
                 continue
-            src = carray(_as_pointer(block_ptrs[r // block_size]), (block_size, width), out.dtype)
-            row = src[r % block_size]
+            row = carray(_as_pointer(address), (width,), out.dtype)
             if has_weights:
                 for j in range(width):
-                    acc[j] += w * row[j]
+                    out[b, j] += w * row[j]
             else:
                 for j in range(width):
-                    acc[j] += row[j]
+                    out[b, j] += row[j]
         if mean:
             scale = out.dtype.type(1.0 / total if total != 0.0 else 0.0)
             for j in range(width):
-                acc[j] *= scale
+                out[b, j] *= scale
 
 
 @njit(cache=True, nogil=True)
-def bag_reduce_backward(inverse, offsets, weights, mean, grad_out, grad_unique):
-    """Gradient of :func:`bag_reduce_rows` per unique row: ``grad_unique[inverse[i]] +=
-    w_i * scale_b * grad_out[b]``; ``grad_unique`` must be zeroed by the caller."""
-    width = grad_out.shape[1]
+def bag_backward_plan(inverse, offsets, weights, mean, num_unique):
+    """Occurrences grouped by unique row (a counting sort), for :func:`bag_backward_range`.
+
+    Returns ``(starts, bag, coef)``: the occurrences of unique ``u`` are positions
+    ``starts[u]:starts[u + 1]``, in input order; the occurrence at position ``k`` belongs to
+    bag ``bag[k]`` and contributes ``coef[k] * grad_out[bag[k]]`` (its weight, divided by its
+    bag's total weight for ``mean``). Grouped copies keep the backward's reads sequential."""
+    n = inverse.shape[0]
     has_weights = weights.shape[0] > 0
-    one = grad_out.dtype.type(1)
+    starts = np.zeros(num_unique + 1, np.int64)
+    for i in range(n):
+        starts[inverse[i] + 1] += 1
+    for u in range(num_unique):
+        starts[u + 1] += starts[u]
+    fill = starts[:-1].copy()
+    bag = np.empty(n, np.int64)
+    coef = np.empty(n, np.float64)
     for b in range(offsets.shape[0] - 1):
-        scale = one
+        scale = 1.0
         if mean:
             total = 0.0
             for i in range(offsets[b], offsets[b + 1]):
-                total += weights[i] if has_weights else one
-            scale = grad_out.dtype.type(1.0 / total if total != 0.0 else 0.0)
-        g = grad_out[b]
+                total += weights[i] if has_weights else 1.0
+            scale = 1.0 / total if total != 0.0 else 0.0
         for i in range(offsets[b], offsets[b + 1]):
-            w = (weights[i] if has_weights else one) * scale
-            dst = grad_unique[inverse[i]]
+            k = fill[inverse[i]]
+            fill[inverse[i]] = k + 1
+            bag[k] = b
+            coef[k] = (weights[i] if has_weights else 1.0) * scale
+    return starts, bag, coef
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def bag_backward_range(starts, bag, coef, grad_out, grad_unique, lo, hi):
+    """``grad_unique[u] = sum over its occurrences k: coef[k] * grad_out[bag[k]]`` for ``u`` in
+    ``[lo, hi)``; each row is written once, in order (no zero-filling needed)."""
+    width = grad_out.shape[1]
+    row_bytes = width * grad_out.itemsize
+    base = grad_out.ctypes.data
+    end = starts[hi]
+    for u in range(lo, hi):
+        dst = grad_unique[u]
+        dst[:] = 0
+        for k in range(starts[u], starts[u + 1]):
+            if k + _PREFETCH_AHEAD < end:
+                _prefetch_row(base + bag[k + _PREFETCH_AHEAD] * row_bytes, row_bytes)
+            c = grad_out.dtype.type(coef[k])
+            src = grad_out[bag[k]]
             for j in range(width):
-                dst[j] += w * g[j]
+                dst[j] += c * src[j]

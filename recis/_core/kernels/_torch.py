@@ -4,8 +4,9 @@ These run on any device (CPU, CUDA) with vectorised tensor operations and no Pyt
 elements. They define the semantics; :mod:`recis._core.kernels._numba` must give the same
 observable results on CPU (the parity tests check it).
 
-Hash-map layout shared by both backends: two int64 arrays of power-of-two length ``C``.
-``keys[s]`` holds an ID, ``vals[s]`` holds ``row | (tag << 48)`` for a live slot, ``EMPTY`` (-1)
+Hash-map layout shared by both backends: one int64 table ``[C, 2]`` (``C`` a power of two),
+key and value side by side so that a probe touches one cache line. ``keys = table[:, 0]``
+holds an ID, ``vals = table[:, 1]`` holds ``row | (tag << 48)`` for a live slot, ``EMPTY`` (-1)
 for a never-used slot and ``TOMBSTONE`` (-2) for a deleted one. The tag is the child (logical
 table) index, so two children's equal IDs are different keys and every int64 value is a valid ID.
 Linear probing; where a key lands may differ between the backends, which is not observable.
@@ -168,15 +169,22 @@ def map_delete(keys: Tensor, vals: Tensor, ids: Tensor, tags: Tensor | None) -> 
     return out
 
 
-def map_rebuild(keys: Tensor, vals: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
-    """A fresh map of ``capacity`` slots holding the live entries (drops tombstones)."""
+def new_table(capacity: int, device: torch.device) -> Tensor:
+    """An empty ``[capacity, 2]`` map table."""
+    table = torch.empty(capacity, 2, dtype=torch.int64, device=device)
+    table[:, 0] = 0
+    table[:, 1] = EMPTY
+    return table
+
+
+def map_rebuild(keys: Tensor, vals: Tensor, capacity: int) -> Tensor:
+    """A fresh ``[capacity, 2]`` table holding the live entries (drops tombstones)."""
     live = vals >= 0
     ids, packed = keys[live], vals[live]
-    new_keys = torch.zeros(capacity, dtype=torch.int64, device=keys.device)
-    new_vals = torch.full((capacity,), EMPTY, dtype=torch.int64, device=keys.device)
+    table = new_table(capacity, keys.device)
     tags = packed >> TAG_SHIFT
-    _insert_absent(new_keys, new_vals, ids, tags, packed & ROW_MASK)
-    return new_keys, new_vals
+    _insert_absent(table[:, 0], table[:, 1], ids, tags, packed & ROW_MASK)
+    return table
 
 
 def gather_rows(blocks: list[Tensor], block_size: int, rows: Tensor, out: Tensor) -> Tensor:
