@@ -322,3 +322,29 @@ def test_cpu_sum_and_mean_take_the_fused_kernel(combiner):
                                              combiner=combiner))
         names = set(_grad_fn_names(e(torch.tensor([[1, 2], [3, 3]])).grad_fn))
         assert "_FusedBagLookupBackward" not in names and "EmbeddingBagBackward0" in names
+
+
+@pytest.mark.parametrize("combiner", ["sum", "mean"])
+def test_large_batches_split_across_threads_match_the_torch_twin(combiner):
+    # Above kernels._PARALLEL_MIN IDs the numba kernels run in several threads; the results
+    # must equal the single-threaded torch reference (forward, per-row gradients, rows).
+    assert 20 * 1024 >= kernels._PARALLEL_MIN
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(-5000, 5000, (1024, 20), generator=gen) * 7919
+    weights = torch.rand(1024, 20, generator=gen)
+    upstream = torch.randn(1024, DIM, generator=gen)
+    results = {}
+    for backend in ["numba", "torch"]:
+        with kernels.backend(backend):
+            e = DynamicEmbedding(EmbeddingOption(embedding_dim=DIM, shared_name="big",
+                                                 combiner=combiner, initializer=normal(3)))
+            out = e(ids, input_weights=weights)
+            (out * upstream).sum().backward()
+            rows, grads = e.hashtable.grad_rows()
+            order = torch.argsort(rows)
+            results[backend] = (out.detach(), rows[order], grads[order], e.hashtable.ids_map())
+    (o1, r1, g1, m1), (o2, r2, g2, m2) = results["numba"], results["torch"]
+    torch.testing.assert_close(o1, o2, rtol=1e-4, atol=1e-5)
+    assert torch.equal(r1, r2)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
+    assert torch.equal(m1[0], m2[0]) and torch.equal(m1[1], m2[1])

@@ -63,6 +63,15 @@ def _threads() -> int:
     return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
+def _forget_pool() -> None:
+    global _pool
+    _pool = None  # a forked child inherits the executor but not its threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _run_all(jobs: list[Callable[[], object]]) -> None:
     """Run jobs concurrently: the first in this thread, the others in the kernel pool."""
     global _pool
