@@ -128,6 +128,16 @@ class SlotStore:
         return self._blocks[name].bag_reduce(self.block_size, rows, inverse, offsets, weights,
                                              mean, out)
 
+    def uses_numba(self, name: str) -> bool:
+        """True when the slot's blocks are served by the numba kernels."""
+        return self._blocks[name].uses_numba and self._num_blocks > 0
+
+    def row_addresses(self, name: str, rows: Tensor):
+        """Data addresses of rows of a slot (numba path; see :meth:`uses_numba`)."""
+        spec = self.spec(name)
+        itemsize = torch.empty(0, dtype=spec.dtype).element_size()
+        return self._blocks[name].addresses(self.block_size, rows, spec.width * itemsize)
+
     def scatter(self, name: str, rows: Tensor, values: Tensor) -> None:
         """Write ``values`` (``[len(rows), *row_shape]`` or one row) into rows; rows < 0 skipped."""
         spec = self.spec(name)

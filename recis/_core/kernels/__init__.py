@@ -182,6 +182,14 @@ class BlockList:
     def _numba_ok(self, other: Tensor) -> bool:
         return self._numba and bool(self.tensors) and other.dtype == self.tensors[0].dtype
 
+    @property
+    def uses_numba(self) -> bool:
+        return self._numba
+
+    def addresses(self, block_size: int, rows: Tensor, row_bytes: int) -> np.ndarray:
+        """Data address of each row (numba path only; 0 for rows < 0)."""
+        return _numba.row_addresses(self._ptrs, block_size, rows.numpy(), row_bytes)
+
     def gather(self, block_size: int, rows: Tensor, out: Tensor) -> Tensor:
         """``out[i]`` = row ``rows[i]``, zeros where ``rows[i] < 0``; ``out`` is ``[n, width]``."""
         if self._numba_ok(out):
@@ -231,3 +239,10 @@ def bag_reduce_backward(
     _in_ranges(_numba.bag_backward_range, num_unique, *plan, grad_out.numpy(), grad.numpy(),
                work=inverse.numel())
     return grad
+
+
+def update_rows(kernel_name: str, addresses: list[np.ndarray], grads: Tensor, *args) -> None:
+    """Run an optimizer kernel of :mod:`._numba` over unique rows, split across threads."""
+    grads = grads.contiguous()
+    flat = grads.reshape(grads.shape[0], -1).numpy()
+    _in_ranges(getattr(_numba, kernel_name), grads.shape[0], *addresses, flat, *args)

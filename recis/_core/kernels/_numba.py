@@ -370,3 +370,73 @@ def bag_backward_range(starts, bag, coef, grad_out, grad_unique, lo, hi):
             src = grad_out[bag[k]]
             for j in range(width):
                 dst[j] += c * src[j]
+
+
+# -- optimizer updates over unique rows (addresses from row_addresses; rows are unique) --------
+@njit(cache=True, nogil=True, fastmath=True)
+def adam_update_range(emb_addr, m_addr, v_addr, grads, decay, beta1, beta2, alpha, eps, l2,
+                      lo, hi):
+    """Per row: ``g += l2 * e; e *= decay; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+    e -= alpha * m / (sqrt(v) + eps)`` (alpha carries the bias correction)."""
+    width = grads.shape[1]
+    dt = grads.dtype
+    row_bytes = width * grads.itemsize
+    for u in range(lo, hi):
+        if u + _PREFETCH_AHEAD < hi:
+            _prefetch_row(emb_addr[u + _PREFETCH_AHEAD], row_bytes)
+            _prefetch_row(m_addr[u + _PREFETCH_AHEAD], row_bytes)
+            _prefetch_row(v_addr[u + _PREFETCH_AHEAD], row_bytes)
+        e = carray(_as_pointer(emb_addr[u]), (width,), dt)
+        m = carray(_as_pointer(m_addr[u]), (width,), dt)
+        v = carray(_as_pointer(v_addr[u]), (width,), dt)
+        for j in range(width):
+            g = grads[u, j] + l2 * e[j]
+            ej = e[j] * decay
+            mj = beta1 * m[j] + (1 - beta1) * g
+            vj = beta2 * v[j] + (1 - beta2) * g * g
+            m[j] = mj
+            v[j] = vj
+            e[j] = ej - alpha * mj / (np.sqrt(vj) + eps)
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def adagrad_update_range(emb_addr, sum_addr, grads, clr, eps, l2, lo, hi):
+    """Per row: ``g += l2 * e; s += g^2; e -= clr * g / (sqrt(s) + eps)``."""
+    width = grads.shape[1]
+    dt = grads.dtype
+    row_bytes = width * grads.itemsize
+    for u in range(lo, hi):
+        if u + _PREFETCH_AHEAD < hi:
+            _prefetch_row(emb_addr[u + _PREFETCH_AHEAD], row_bytes)
+            _prefetch_row(sum_addr[u + _PREFETCH_AHEAD], row_bytes)
+        e = carray(_as_pointer(emb_addr[u]), (width,), dt)
+        s = carray(_as_pointer(sum_addr[u]), (width,), dt)
+        for j in range(width):
+            g = grads[u, j] + l2 * e[j]
+            sj = s[j] + g * g
+            s[j] = sj
+            e[j] -= clr * g / (np.sqrt(sj) + eps)
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def sgd_update_range(emb_addr, buf_addr, grads, lr, momentum, l2, nesterov, lo, hi):
+    """Per row: ``g += l2 * e``; with momentum ``b = momentum * b + g`` and the step uses ``b``
+    (``g + momentum * b`` for Nesterov); ``e -= lr * step``. ``buf_addr`` is unused without
+    momentum."""
+    width = grads.shape[1]
+    dt = grads.dtype
+    row_bytes = width * grads.itemsize
+    for u in range(lo, hi):
+        if u + _PREFETCH_AHEAD < hi:
+            _prefetch_row(emb_addr[u + _PREFETCH_AHEAD], row_bytes)
+        e = carray(_as_pointer(emb_addr[u]), (width,), dt)
+        if momentum != 0.0:
+            b = carray(_as_pointer(buf_addr[u]), (width,), dt)
+            for j in range(width):
+                g = grads[u, j] + l2 * e[j]
+                bj = momentum * b[j] + g
+                b[j] = bj
+                e[j] -= lr * (g + momentum * bj if nesterov else bj)
+        else:
+            for j in range(width):
+                e[j] -= lr * (grads[u, j] + l2 * e[j])

@@ -1,0 +1,19 @@
+"""Row-sparse optimizers for dynamic embedding tables."""
+
+from recis.optim.optimizers import (
+    SparseAdagrad,
+    SparseAdam,
+    SparseAdamW,
+    SparseAdamWTF,
+    SparseSGD,
+)
+from recis.optim.sparse_optimizer import SparseOptimizer
+
+__all__ = [
+    "SparseOptimizer",
+    "SparseAdamW",
+    "SparseAdam",
+    "SparseAdamWTF",
+    "SparseAdagrad",
+    "SparseSGD",
+]

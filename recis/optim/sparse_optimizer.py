@@ -1,0 +1,172 @@
+"""SparseOptimizer: the torch.optim.Optimizer base of the row-sparse table optimizers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from recis.nn.modules.hashtable import HashTable, filter_out_sparse_param
+
+__all__ = ["SparseOptimizer"]
+
+
+def _tables_of(params: Any) -> dict[str, HashTable]:
+    if isinstance(params, nn.Module) and not isinstance(params, HashTable):
+        params = filter_out_sparse_param(params)
+    if isinstance(params, HashTable):
+        params = [params]
+    if isinstance(params, Mapping):
+        items = list(params.items())
+    elif isinstance(params, Iterable):
+        items = [(getattr(t, "name", None), t) for t in params]
+    else:
+        raise TypeError(
+            "params must be a dict {name: HashTable} (e.g. filter_out_sparse_param(model)), a "
+            f"list of HashTables or a model, got {type(params).__name__}"
+        )
+    tables: dict[str, HashTable] = {}
+    for name, table in items:
+        if not isinstance(table, HashTable):
+            raise TypeError(f"params[{name!r}] must be a HashTable, got {type(table).__name__}")
+        if name in tables or any(t is table for t in tables.values()):
+            raise ValueError(f"table {name!r} is given twice")
+        tables[name] = table
+    return tables
+
+
+class SparseOptimizer(torch.optim.Optimizer):
+    """Base of the optimizers that update table rows touched by a backward pass.
+
+    Subclasses declare their per-row slots (:meth:`_slots`, added to every table, so the state
+    moves, filters and checkpoints with the rows) and implement :meth:`_update`. The base class
+    keeps one param group holding the hyperparameters (so LR schedulers work), the per-table
+    counters in ``self.state[table_name]``, gradient accumulation and ``state_dict``.
+
+    Gradient accumulation: with ``set_grad_accum_steps(n)`` every ``n``-th :meth:`step` updates
+    the rows with the gradient summed over the ``n`` backward passes and divided by ``n``;
+    :meth:`zero_grad` only clears at those boundaries, so a loop may call ``zero_grad``,
+    ``backward`` and ``step`` every micro-step.
+    """
+
+    def __init__(self, params: Any, defaults: dict[str, Any]):
+        tables = _tables_of(params)
+        super().__init__([{"params": [], **defaults}], defaults)
+        self._tables: dict[str, HashTable] = {}
+        self._grad_accum_steps = 1
+        self._local_step = 0
+        self.add_params(tables)
+
+    # -- tables ------------------------------------------------------------------------------
+    def _slots(self, table: HashTable) -> list[tuple[str, Any]]:
+        """``(slot name, default value)`` of the per-row state this optimizer keeps."""
+        return []
+
+    def add_params(self, params: Any) -> None:
+        """Add tables (a dict name -> HashTable, a list, or a model); their slots are created
+        now, also for rows the tables already hold."""
+        for name, table in _tables_of(params).items():
+            if name in self._tables or any(t is table for t in self._tables.values()):
+                raise ValueError(f"table {name!r} is already handled by this optimizer")
+            for slot, default in self._slots(table):
+                if table.has_slot(slot):
+                    spec = table._slots.spec(slot)
+                    if spec.row_shape != table.embedding_shape or spec.dtype != table.dtype:
+                        raise ValueError(
+                            f"table {name!r} already has a slot {slot!r} of another shape/dtype"
+                        )
+                else:
+                    table.add_slot(slot, table.embedding_shape, table.dtype, default)
+            self._tables[name] = table
+            self.state[name] = {"step": 0}
+
+    @property
+    def tables(self) -> dict[str, HashTable]:
+        return dict(self._tables)
+
+    # -- steps -------------------------------------------------------------------------------
+    def set_grad_accum_steps(self, steps: int) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise ValueError(f"grad accumulation steps must be a positive int, got {steps!r}")
+        self._grad_accum_steps = steps
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self._grad_accum_steps
+
+    def _at_boundary(self) -> bool:
+        return self._local_step % self._grad_accum_steps == 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the tables' gradients (only at accumulation boundaries)."""
+        if self._at_boundary():
+            for table in self._tables.values():
+                table.clear_grad()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update every table that received a gradient (at accumulation boundaries)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._local_step += 1
+        if not self._at_boundary():
+            return loss
+        group = self.param_groups[0]
+        for name, table in self._tables.items():
+            rows, grad = table.grad_rows(self._grad_accum_steps)
+            if rows.numel() == 0:
+                continue
+            state = self.state[name]
+            state["step"] += 1
+            self._update(table, rows, grad, state, group)
+        return loss
+
+    def _update(self, table: HashTable, rows, grad, state: dict, group: dict) -> None:
+        raise NotImplementedError
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Hyperparameters and per-table counters, keyed by table name::
+
+            {"state": {"user": {"step": 12}, "item": {"step": 9}},
+             "param_groups": [{"lr": 0.001, ..., "tables": ["user", "item"]}],
+             "grad_accum_steps": 1, "local_step": 12}
+
+        Per-row state (moments, accumulators) lives in the tables' slots and is saved with
+        the tables.
+        """
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        group["tables"] = list(self._tables)
+        return {
+            "state": {name: dict(self.state[name]) for name in self._tables},
+            "param_groups": [group],
+            "grad_accum_steps": self._grad_accum_steps,
+            "local_step": self._local_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the tables must be the same by name."""
+        try:
+            group = dict(state_dict["param_groups"][0])
+            states = state_dict["state"]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError("not a SparseOptimizer state_dict") from None
+        saved = group.pop("tables", list(states))
+        if set(saved) != set(self._tables):
+            raise ValueError(
+                f"loaded state is for tables {sorted(saved)}, this optimizer has "
+                f"{sorted(self._tables)}"
+            )
+        for name in self._tables:
+            self.state[name] = dict(states[name])
+        self.param_groups[0].update(group)
+        self._grad_accum_steps = int(state_dict.get("grad_accum_steps", 1))
+        self._local_step = int(state_dict.get("local_step", 0))
+
+    def __repr__(self) -> str:
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        return f"{type(self).__name__}(tables={list(self._tables)}, {group})"
