@@ -304,3 +304,15 @@ def test_cuda_table():
     rows, grads = ht.grad_rows()
     assert rows.device.type == "cuda" and grads[0, 0].item() == 2.0
     assert sorted(ht.ids().tolist()) == sorted({1, 2, -1, 2**63 - 1})
+
+
+def test_stats_count_admissions_and_removals():
+    ht = HashTable([DIM])
+    ht(torch.tensor([1, 2, 3, 1]))
+    ht.insert(torch.tensor([3, 4]), torch.zeros(2, DIM))
+    ht.delete(torch.tensor([1, 9]))
+    ht.eval()
+    ht(torch.tensor([50]))
+    assert ht.stats() == {"live": 3, "admitted": 4, "removed": 1}
+    ht.clear()
+    assert ht.stats() == {"live": 0, "admitted": 4, "removed": 4}

@@ -46,6 +46,8 @@ class IdMap:
         self._free = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._n_free = 0
         self._next_row = 0  # high-water mark: rows [0, next_row) have been handed out
+        self.inserted_total = 0  # keys ever inserted (statistics)
+        self.deleted_total = 0  # keys ever deleted (statistics)
 
     # -- sizes -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -103,6 +105,7 @@ class IdMap:
             raise RuntimeError(f"ID map holds more than {ROW_MASK} rows")
         self._size += n_new
         self._used += n_new - reused
+        self.inserted_total += n_new
         return rows
 
     def delete(self, ids: Tensor, tags: Tensor | None = None) -> Tensor:
@@ -114,6 +117,7 @@ class IdMap:
         freed = rows[rows >= 0]
         if freed.numel():
             self._size -= freed.numel()
+            self.deleted_total += freed.numel()
             pool = torch.cat([self._free[: self._n_free], freed])
             self._free = torch.sort(pool, descending=True).values
             self._n_free = self._free.numel()
@@ -128,8 +132,10 @@ class IdMap:
         return ids[order], (packed >> TAG_SHIFT)[order], rows[order]
 
     def clear(self) -> None:
-        """Forget every key and every row; the next key gets row 0."""
+        """Forget every key and every row; the next key gets row 0 (statistics are kept)."""
+        inserted, deleted = self.inserted_total, self.deleted_total + self._size
         self.__init__(self.device)
+        self.inserted_total, self.deleted_total = inserted, deleted
 
     def to(self, device: torch.device | str) -> IdMap:
         """A copy of this map on ``device`` (slot positions rebuilt for that backend)."""

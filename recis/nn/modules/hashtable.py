@@ -295,6 +295,12 @@ class HashTable(nn.Module):
     def __len__(self) -> int:
         return len(self._id_map)
 
+    def stats(self) -> dict[str, int]:
+        """``{"live": IDs now, "admitted": IDs ever inserted, "removed": IDs ever removed}``
+        (since construction, in this process)."""
+        return {"live": len(self._id_map), "admitted": self._id_map.inserted_total,
+                "removed": self._id_map.deleted_total}
+
     def memory_bytes(self) -> int:
         """Bytes held by the ID map and every slot's blocks."""
         return self._id_map.memory_bytes() + self._slots.memory_bytes()
