@@ -1,0 +1,312 @@
+"""Trainer: a plain PyTorch training loop for models with dynamic embedding tables.
+
+The model returns its loss, or a dict with ``"loss"`` and, for evaluation metrics,
+``"preds"`` (probabilities in [0, 1]) and ``"labels"``::
+
+    args = TrainingArguments(train_steps=1000, eval_steps=200, log_steps=100)
+    trainer = Trainer(model, args, train_data, eval_data,
+                      hooks=[HashTableFilterHook(filter_interval=100)],
+                      dense_optimizers=(torch.optim.AdamW(model.parameters()), None),
+                      sparse_optimizer=SparseAdamW(filter_out_sparse_param(model)))
+    trainer.train()
+    print(trainer.evaluate())
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from recis.hooks.hook import Hook
+from recis.hooks.logger_hook import LoggerHook
+from recis.nn.modules.hashtable import HashTable
+from recis.ragged.tensor import RaggedTensor
+from recis.utils.logger import Logger
+
+logger = Logger(__name__)
+
+__all__ = ["Trainer", "TrainingArguments"]
+
+
+@dataclass
+class TrainingArguments:
+    """Training-loop settings (RecIS's fields and defaults).
+
+    A *step* is one batch: hooks see ``after_step`` once per batch, and the optimizers update
+    every ``gradient_accumulation_steps`` batches with the mean gradient of those batches.
+    """
+
+    gradient_accumulation_steps: int = 1
+    output_dir: str = "output_dir"
+    model_bank: Any = None  # RecIS: warm-start sources; not used here
+    log_steps: int = 100  # LoggerHook interval
+    train_steps: int | None = None  # stop after this many batches (None: train_epoch epochs)
+    train_epoch: int = 1  # passes over train_dataset when train_steps is None
+    eval_steps: int | None = None  # evaluate every eval_steps batches (None: only at the end)
+    save_steps: int = 1000  # checkpoint interval (used once checkpoints land, issue #4)
+    max_to_keep: int = 5
+    save_concurrency_per_rank: int = 4
+    max_eval_batches: int | None = None  # cap on evaluation batches (None: the whole set)
+    progress_bar: bool = True  # tqdm bar with loss and examples/s
+
+    def __post_init__(self):
+        for name in ("gradient_accumulation_steps", "log_steps", "train_epoch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("train_steps", "eval_steps", "max_eval_batches"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0
+            ):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+def batch_size_of(batch: Any) -> int:
+    """Rows in a batch: the first tensor's first dim (or a RaggedTensor's rows)."""
+    if isinstance(batch, Mapping):
+        values = list(batch.values())
+        if "label" in batch:
+            values.insert(0, batch["label"])
+    elif isinstance(batch, (list, tuple)):
+        values = list(batch)
+    else:
+        values = [batch]
+    for v in values:
+        if isinstance(v, RaggedTensor):
+            return v.offsets()[0].numel() - 1
+        if isinstance(v, Tensor) and v.dim() > 0:
+            return v.shape[0]
+    return 0
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, (Tensor, RaggedTensor)):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_batch(v, device) for v in batch)
+    return batch
+
+
+def _split_output(out: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    if isinstance(out, Tensor):
+        return out, None, None
+    if isinstance(out, Mapping) and "loss" in out:
+        return out["loss"], out.get("preds"), out.get("labels")
+    raise TypeError(
+        "the model must return its loss (a scalar Tensor) or a dict with 'loss' (and 'preds', "
+        f"'labels' for metrics), got {type(out).__name__}"
+    )
+
+
+class Trainer:
+    """Train and evaluate a model whose embeddings live in dynamic tables.
+
+    Each batch: ``zero_grad`` (dense and sparse), ``loss = model(batch)``, ``backward``, then
+    at accumulation boundaries the dense optimizer and scheduler step and the sparse optimizer
+    steps; every hook's ``after_step(metrics, global_step)`` is called once per batch, exactly
+    ``train_steps`` times (RecIS stops one short). Evaluation runs in eval mode (read-only
+    lookups, no gradient) and does not advance the hooks (RecIS calls ``after_step`` there too,
+    moving the filter clocks).
+
+    Args:
+        model (nn.Module): returns the loss, or ``{"loss", "preds", "labels"}``.
+        args (TrainingArguments): loop settings.
+        train_dataset (iterable): batches (any iterable; a DataLoader or IterableDataset).
+        eval_dataset (iterable, optional): evaluation batches.
+        hooks (list[Hook], optional): e.g. ``HashTableFilterHook``; a ``LoggerHook`` with
+            ``args.log_steps`` is added.
+        dense_optimizers (tuple, optional): ``(optimizer, lr_scheduler)``; either may be None.
+        sparse_optimizer (SparseOptimizer, optional): for the tables.
+        data_to_cuda (bool): move batches to CUDA. Default: False.
+
+    Attributes:
+        history (list[dict]): one record per logged step and per evaluation: ``step``,
+            ``loss``, ``examples_per_second``, ``tables`` (live IDs per table), and
+            ``eval_auc``/``eval_logloss``/``eval_loss`` after evaluations.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainingArguments | None = None,
+        train_dataset: Iterable | None = None,
+        eval_dataset: Iterable | None = None,
+        hooks: list[Hook] | None = None,
+        dense_optimizers: tuple[Any, Any] = (None, None),
+        sparse_optimizer: Any = None,
+        data_to_cuda: bool = False,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.args = args if args is not None else TrainingArguments()
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.hooks: list[Hook] = list(hooks or [])
+        self.hooks.append(LoggerHook(self.args.log_steps))
+        self.dense_optimizer, self.lr_scheduler = dense_optimizers
+        self.sparse_optimizer = sparse_optimizer
+        if sparse_optimizer is not None:
+            sparse_optimizer.set_grad_accum_steps(self.args.gradient_accumulation_steps)
+        self.device = torch.device("cuda") if data_to_cuda else None
+        self.global_step = 0
+        self.examples_seen = 0  # training rows processed
+        self.history: list[dict[str, Any]] = []
+
+    # -- helpers -----------------------------------------------------------------------------
+    def table_sizes(self) -> dict[str, int]:
+        """Live IDs per table of the model."""
+        return {m.name: len(m) for m in self.model.modules() if isinstance(m, HashTable)}
+
+    def _batches(self) -> Iterable:
+        if self.train_dataset is None:
+            raise ValueError("train() needs a train_dataset")
+        if self.args.train_steps is not None:
+            step = 0
+            while True:
+                yielded = False
+                for batch in self.train_dataset:
+                    yielded = True
+                    yield batch
+                    step += 1
+                    if step >= self.args.train_steps:
+                        return
+                if not yielded:
+                    return
+        else:
+            for _ in range(self.args.train_epoch):
+                yield from self.train_dataset
+
+    def _dense_step(self) -> None:
+        n = self.args.gradient_accumulation_steps
+        if self.dense_optimizer is None:
+            return
+        if n > 1:  # gradients summed over n batches -> their mean, like the sparse side
+            for group in self.dense_optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.div_(n)
+        self.dense_optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+
+    # -- training ----------------------------------------------------------------------------
+    def train(self) -> list[dict[str, Any]]:
+        """Run the loop; returns :attr:`history`."""
+        args = self.args
+        n_acc = args.gradient_accumulation_steps
+        for hook in self.hooks:
+            hook.before_train()
+        bar = None
+        if args.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=args.train_steps, desc="train", unit="step", dynamic_ncols=True)
+        self.model.train()
+        window_loss, window_examples, window_start = 0.0, 0, time.perf_counter()
+        window_steps = 0
+        for batch in self._batches():
+            if self.device is not None:
+                batch = move_batch(batch, self.device)
+            boundary_before = self.global_step % n_acc == 0
+            if boundary_before:
+                if self.dense_optimizer is not None:
+                    self.dense_optimizer.zero_grad()
+            if self.sparse_optimizer is not None:
+                self.sparse_optimizer.zero_grad()
+            loss, _, _ = _split_output(self.model(batch))
+            loss.backward()
+            if (self.global_step + 1) % n_acc == 0:
+                self._dense_step()
+            if self.sparse_optimizer is not None:
+                self.sparse_optimizer.step()
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at step {self.global_step}")
+            examples = batch_size_of(batch)
+            self.examples_seen += examples
+            window_loss += loss_value
+            window_examples += examples
+            window_steps += 1
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
+            metrics = {"loss": loss_value, "examples_per_second": window_examples / elapsed}
+            for hook in self.hooks:
+                hook.after_step(metrics, self.global_step)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{window_loss / window_steps:.4f}",
+                                ex_per_s=f"{window_examples / elapsed:,.0f}")
+            self.global_step += 1
+            if self.global_step % args.log_steps == 0:
+                self.history.append({
+                    "step": self.global_step,
+                    "loss": window_loss / window_steps,
+                    "examples_per_second": window_examples / elapsed,
+                    "tables": self.table_sizes(),
+                })
+                window_loss, window_examples, window_steps = 0.0, 0, 0
+                window_start = time.perf_counter()
+            if args.eval_steps and self.eval_dataset is not None and (
+                self.global_step % args.eval_steps == 0
+            ):
+                self.evaluate()
+                self.model.train()
+        if bar is not None:
+            bar.close()
+        if window_steps:
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
+            self.history.append({
+                "step": self.global_step, "loss": window_loss / window_steps,
+                "examples_per_second": window_examples / elapsed, "tables": self.table_sizes(),
+            })
+        for hook in self.hooks:
+            hook.after_train()
+            hook.end()
+        return self.history
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset: Iterable | None = None) -> dict[str, float]:
+        """Mean loss, and AUC / log-loss when the model returns ``preds`` and ``labels``."""
+        from recis.metrics import AUROC
+
+        data = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if data is None:
+            raise ValueError("evaluate() needs an eval_dataset")
+        for hook in self.hooks:
+            hook.before_evaluate()
+        was_training = self.model.training
+        self.model.eval()
+        auc = AUROC()
+        total_loss, batches, logloss_sum, count = 0.0, 0, 0.0, 0
+        for batch in data:
+            if self.args.max_eval_batches is not None and batches >= self.args.max_eval_batches:
+                break
+            if self.device is not None:
+                batch = move_batch(batch, self.device)
+            loss, preds, labels = _split_output(self.model(batch))
+            total_loss += float(loss)
+            batches += 1
+            if preds is not None and labels is not None:
+                preds, labels = preds.reshape(-1).float(), labels.reshape(-1).float()
+                auc.update(preds, labels)
+                p = preds.clamp(1e-7, 1 - 1e-7)
+                logloss_sum += float(-(labels * p.log() + (1 - labels) * (1 - p).log()).sum())
+                count += labels.numel()
+        self.model.train(was_training)
+        metrics: dict[str, float] = {"eval_loss": total_loss / max(batches, 1)}
+        if count:
+            metrics["eval_auc"] = float(auc.compute())
+            metrics["eval_logloss"] = logloss_sum / count
+        self.history.append({"step": self.global_step, **metrics, "tables": self.table_sizes()})
+        for hook in self.hooks:
+            hook.after_evaluate(metrics)
+        return metrics

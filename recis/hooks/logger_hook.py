@@ -1,0 +1,45 @@
+"""LoggerHook: logs the training metrics every ``log_steps`` steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from recis.hooks.hook import Hook
+from recis.utils.logger import Logger
+
+__all__ = ["LoggerHook"]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.5g}"
+    return str(value)
+
+
+class LoggerHook(Hook):
+    """Log ``metrics`` (a flat dict) through :mod:`logging` at every ``log_steps``-th step.
+
+    Args:
+        log_steps (int): interval in steps. Default: 100.
+        logger_name (str): logger to write to. Default: ``"recis.train"``.
+    """
+
+    def __init__(self, log_steps: int = 100, logger_name: str = "recis.train"):
+        if isinstance(log_steps, bool) or not isinstance(log_steps, int) or log_steps <= 0:
+            raise ValueError(f"log_steps must be a positive int, got {log_steps!r}")
+        self.log_steps = log_steps
+        self._logger = Logger(logger_name)
+        self.records: list[tuple[int, dict[str, Any]]] = []
+
+    def after_step(self, metrics: Any = None, global_step: Any = None) -> None:
+        if global_step is None or (int(global_step) + 1) % self.log_steps:
+            return
+        metrics = dict(metrics or {})
+        self.records.append((int(global_step), metrics))
+        text = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        self._logger.info("step %d: %s", int(global_step), text)
+
+    def after_evaluate(self, metrics: Any = None, *args: Any, **kwargs: Any) -> None:
+        if metrics:
+            text = ", ".join(f"{k}={_fmt(v)}" for k, v in dict(metrics).items())
+            self._logger.info("evaluation: %s", text)
