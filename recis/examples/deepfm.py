@@ -1,0 +1,230 @@
+"""Train a DeepFM on dynamic embedding tables: ``python -m recis.examples.deepfm``.
+
+Default data: the built-in synthetic click stream (new IDs keep arriving, old ones fade, so
+admission and the GlobalStepFilter matter). ``--data`` trains on files in the Criteo layout
+(ORC/Parquet with list or scalar columns, or CSV/TSV: label, i1..i13, c1..c26)::
+
+    python -m recis.examples.deepfm                       # synthetic stream, ~1 minute
+    python -m recis.examples.deepfm --data part-[0-3].orc --eval-data part-4.orc part-5.orc
+
+Prints a progress bar, then one JSON line with the final figures; writes
+``OUTPUT/metrics.json`` and ``OUTPUT/training.png`` (loss, eval AUC, live IDs per table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+# Spinning OpenMP workers of torch steal the CPU from the table kernels' threads after every
+# torch op (2-10x slower steps on small machines); must be set before torch starts OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from recis.examples.deepfm_model import DeepFM  # noqa: E402
+from recis.framework import Trainer, TrainingArguments  # noqa: E402
+from recis.hooks.filter_hook import HashTableFilterHook  # noqa: E402
+from recis.nn import HashTable  # noqa: E402
+from recis.nn.modules.hashtable import filter_out_sparse_param  # noqa: E402
+from recis.optim import SparseAdagrad, SparseAdam, SparseAdamW, SparseSGD  # noqa: E402
+
+logger = logging.getLogger("recis.examples.deepfm")
+
+_SPARSE_OPTIMIZERS = {
+    "adamw": (SparseAdamW, {"lr": 1e-3, "weight_decay": 0.0}),
+    "adam": (SparseAdam, {"lr": 1e-3}),
+    "adagrad": (SparseAdagrad, {"lr": 0.05}),
+    "sgd": (SparseSGD, {"lr": 0.5}),
+}
+
+
+class HoldOut:
+    """Every ``every``-th batch of a dataset (``take=True``) or all the others (``False``)."""
+
+    def __init__(self, dataset: Iterable, every: int, take: bool):
+        self.dataset, self.every, self.take = dataset, every, take
+
+    def __iter__(self) -> Iterator:
+        for i, batch in enumerate(self.dataset):
+            if (i % self.every == self.every - 1) == self.take:
+                yield batch
+
+
+def _files(patterns: list[str]) -> list[str]:
+    out: list[str] = []
+    for p in patterns:
+        matches = sorted(glob.glob(p))
+        if not matches:
+            raise SystemExit(f"--data/--eval-data: no file matches {p!r}")
+        out += matches
+    return out
+
+
+def build_data(args: argparse.Namespace) -> tuple[Iterable, Iterable, list[str], int, str]:
+    """(train data, eval data, sparse field names, number of dense features, description)."""
+    if args.data:
+        from recis.io import criteo_columns, criteo_dataset
+
+        files = _files(args.data)
+        _, dense, sparse = criteo_columns()
+        train = criteo_dataset(files, args.batch_size, shuffle=True, seed=args.seed)
+        if args.eval_data:
+            evaluation = criteo_dataset(_files(args.eval_data), args.batch_size)
+        else:  # hold out every 10th batch of the training files
+            evaluation = HoldOut(criteo_dataset(files, args.batch_size), 10, take=True)
+            train = HoldOut(train, 10, take=False)
+        return train, evaluation, sparse, len(dense), f"files {files}"
+    from recis.datasets import SyntheticClickStream
+
+    steps = args.steps or 400
+    train = SyntheticClickStream(num_batches=steps, batch_size=args.batch_size, seed=args.seed,
+                                 drift=args.drift, vocab_per_field=args.vocab)
+    evaluation = train.held_out(args.eval_batches)
+    return train, evaluation, list(train.fields), train.num_dense, "synthetic click stream"
+
+
+def table_labels(model: DeepFM) -> dict[str, str]:
+    """Readable names of the physical tables: their width and their logical tables."""
+    labels = {}
+    for module in model.modules():
+        if isinstance(module, HashTable):
+            kids = module.children_hashtable
+            shown = ", ".join(kids[:3]) + (", ..." if len(kids) > 3 else "")
+            labels[module.name] = f"dim {module.embedding_shape[0]} ({shown})"
+    return labels
+
+
+def plot(history: list[dict[str, Any]], labels: dict[str, str], path: str) -> bool:
+    """Loss, eval AUC and live IDs per table over the steps, as a PNG. False without
+    matplotlib (install the ``plot`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed; skipping %s (pip install recis[plot])", path)
+        return False
+    train = [h for h in history if "loss" in h]
+    evals = [h for h in history if "eval_auc" in h]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot([h["step"] for h in train], [h["loss"] for h in train])
+    axes[0].set(title="training loss", xlabel="step", ylabel="log-loss")
+    axes[1].plot([h["step"] for h in evals], [h["eval_auc"] for h in evals], marker="o")
+    axes[1].set(title="evaluation AUC", xlabel="step", ylabel="AUC")
+    for name, label in labels.items():
+        axes[2].plot([h["step"] for h in train], [h["tables"].get(name, 0) for h in train],
+                     label=label)
+    axes[2].set(title="live IDs per table", xlabel="step", ylabel="IDs")
+    axes[2].legend(fontsize="small")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m recis.examples.deepfm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", metavar="FILE",
+                   help="training files in the Criteo layout (default: synthetic stream)")
+    p.add_argument("--eval-data", nargs="+", metavar="FILE",
+                   help="evaluation files (default: every 10th batch of --data held out)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over --data (default 1)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="stop after this many batches (synthetic default: 400)")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--dim", type=int, default=16, help="embedding width")
+    p.add_argument("--filter-step", type=int, default=200,
+                   help="remove IDs unseen for this many steps (0: no filter)")
+    p.add_argument("--filter-interval", type=int, default=50, help="steps between filter runs")
+    p.add_argument("--optimizer", choices=sorted(_SPARSE_OPTIMIZERS), default="adamw",
+                   help="sparse optimizer of the tables")
+    p.add_argument("--lr", type=float, default=None, help="sparse learning rate")
+    p.add_argument("--dense-lr", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps")
+    p.add_argument("--eval-batches", type=int, default=20,
+                   help="synthetic evaluation batches (default 20)")
+    p.add_argument("--drift", type=float, default=0.5,
+                   help="synthetic: share of each field's IDs replaced per 1000 batches")
+    p.add_argument("--vocab", type=int, default=100_000, help="synthetic: active IDs per field")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="deepfm_output", help="directory for metrics and plot")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "dim", "filter_interval", "eval_every",
+                 "eval_batches", "vocab"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0")
+    if args.steps is not None and args.steps <= 0:
+        p.error("--steps must be > 0")
+    if args.filter_step < 0:
+        p.error("--filter-step must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(args.seed)
+    train, evaluation, fields, num_dense, source = build_data(args)
+    model = DeepFM(fields, num_dense, dim=args.dim, filter_step=args.filter_step or None,
+                   seed=args.seed)
+    cls, defaults = _SPARSE_OPTIMIZERS[args.optimizer]
+    sparse_kwargs = dict(defaults, **({"lr": args.lr} if args.lr is not None else {}))
+    sparse_opt = cls(filter_out_sparse_param(model), **sparse_kwargs)
+    dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
+    hooks = [HashTableFilterHook(args.filter_interval, tables=[model])] if args.filter_step else []
+    training = TrainingArguments(
+        output_dir=args.output, train_steps=args.steps if args.data else (args.steps or 400),
+        train_epoch=args.epochs, eval_steps=args.eval_every, log_steps=10,
+        progress_bar=not args.no_progress,
+    )
+    trainer = Trainer(model, training, train, evaluation, hooks=hooks,
+                      dense_optimizers=(dense_opt, None), sparse_optimizer=sparse_opt)
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+    final = trainer.evaluate()
+    labels = table_labels(model)
+    tables = {}
+    for module in model.modules():
+        if isinstance(module, HashTable):
+            tables[labels[module.name]] = {
+                **module.stats(),
+                "logical_tables": {c: int(module.ids(c).numel())
+                                   for c in module.children_hashtable},
+            }
+    os.makedirs(args.output, exist_ok=True)
+    result = {
+        "eval_auc": final.get("eval_auc"),
+        "eval_logloss": final.get("eval_logloss"),
+        "train_steps": trainer.global_step,
+        "train_examples": trainer.examples_seen,
+        "train_seconds": round(train_seconds, 2),
+        "examples_per_second": round(trainer.examples_seen / max(train_seconds, 1e-9), 1),
+        "optimizer": args.optimizer,
+        "data": source,
+        "tables": tables,
+    }
+    with open(os.path.join(args.output, "metrics.json"), "w") as f:
+        json.dump({**result, "history": trainer.history}, f, indent=2)
+    plot(trainer.history, labels, os.path.join(args.output, "training.png"))
+    summary = {k: v for k, v in result.items() if k != "tables"}
+    summary["live_ids"] = {k: v["live"] for k, v in tables.items()}
+    print(json.dumps(summary), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
