@@ -67,7 +67,7 @@ def adam_rows(
     if _numba_ok(table, exp_avg, exp_avg_sq):
         addresses = _addresses(table, rows, EMBEDDING_SLOT, exp_avg, exp_avg_sq)
         kernels.update_rows("adam_update_range", addresses, grad.to(table.dtype), decay, beta1,
-                            beta2, alpha, eps, l2)
+                            1 - beta1, beta2, 1 - beta2, alpha, eps, l2)
         return
     slots = table._slots
     e = slots.gather(EMBEDDING_SLOT, rows)

@@ -374,12 +374,18 @@ def bag_backward_range(starts, bag, coef, grad_out, grad_unique, lo, hi):
 
 # -- optimizer updates over unique rows (addresses from row_addresses; rows are unique) --------
 @njit(cache=True, nogil=True, fastmath=True)
-def adam_update_range(emb_addr, m_addr, v_addr, grads, decay, beta1, beta2, alpha, eps, l2,
-                      lo, hi):
+def adam_update_range(emb_addr, m_addr, v_addr, grads, decay, beta1, one_minus_beta1, beta2,
+                      one_minus_beta2, alpha, eps, l2, lo, hi):
     """Per row: ``g += l2 * e; e *= decay; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
     e -= alpha * m / (sqrt(v) + eps)`` (alpha carries the bias correction)."""
     width = grads.shape[1]
     dt = grads.dtype
+    # scalars in the table dtype: mixing in float64 would make every element a float64
+    # sqrt/div and stop vectorisation (2.7x slower)
+    decay, beta1, beta2 = dt.type(decay), dt.type(beta1), dt.type(beta2)
+    # 1 - beta comes computed in float64: in float32, 1 - float32(0.999) is off by 1e-5
+    c1, c2 = dt.type(one_minus_beta1), dt.type(one_minus_beta2)
+    alpha, eps, l2 = dt.type(alpha), dt.type(eps), dt.type(l2)
     row_bytes = width * grads.itemsize
     for u in range(lo, hi):
         if u + _PREFETCH_AHEAD < hi:
@@ -392,8 +398,8 @@ def adam_update_range(emb_addr, m_addr, v_addr, grads, decay, beta1, beta2, alph
         for j in range(width):
             g = grads[u, j] + l2 * e[j]
             ej = e[j] * decay
-            mj = beta1 * m[j] + (1 - beta1) * g
-            vj = beta2 * v[j] + (1 - beta2) * g * g
+            mj = beta1 * m[j] + c1 * g
+            vj = beta2 * v[j] + c2 * g * g
             m[j] = mj
             v[j] = vj
             e[j] = ej - alpha * mj / (np.sqrt(vj) + eps)
@@ -404,6 +410,7 @@ def adagrad_update_range(emb_addr, sum_addr, grads, clr, eps, l2, lo, hi):
     """Per row: ``g += l2 * e; s += g^2; e -= clr * g / (sqrt(s) + eps)``."""
     width = grads.shape[1]
     dt = grads.dtype
+    clr, eps, l2 = dt.type(clr), dt.type(eps), dt.type(l2)
     row_bytes = width * grads.itemsize
     for u in range(lo, hi):
         if u + _PREFETCH_AHEAD < hi:
@@ -425,6 +432,7 @@ def sgd_update_range(emb_addr, buf_addr, grads, lr, momentum, l2, nesterov, lo, 
     momentum."""
     width = grads.shape[1]
     dt = grads.dtype
+    lr, momentum, l2 = dt.type(lr), dt.type(momentum), dt.type(l2)
     row_bytes = width * grads.itemsize
     for u in range(lo, hi):
         if u + _PREFETCH_AHEAD < hi:
