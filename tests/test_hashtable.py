@@ -316,3 +316,38 @@ def test_stats_count_admissions_and_removals():
     assert ht.stats() == {"live": 3, "admitted": 4, "removed": 1}
     ht.clear()
     assert ht.stats() == {"live": 0, "admitted": 4, "removed": 4}
+
+
+def test_min_count_admission():
+    ht = HashTable([DIM], initializer=ConstantInitializer(1.0))
+    hook = AdmitHook("MinCount", {"min_count": 3})
+    out = ht(torch.tensor([5, 5, 6]), admit_hook=hook)  # 5 seen twice, 6 once
+    assert torch.equal(out, torch.zeros(3, DIM)) and len(ht) == 0
+    out.sum().backward()
+    assert ht.grad_rows()[0].numel() == 0  # not admitted: no gradient
+    out = ht(torch.tensor([5, 6, 7]), admit_hook=hook)  # 5 reaches 3
+    assert ht.ids().tolist() == [5]
+    assert torch.equal(out[0], torch.ones(DIM)) and torch.equal(out[1:], torch.zeros(2, DIM))
+    ht(torch.tensor([6, 6]), admit_hook=hook)
+    assert sorted(ht.ids().tolist()) == [5, 6]
+    ht.eval()
+    ht(torch.tensor([7, 7, 7, 7]), admit_hook=hook)  # eval never counts nor admits
+    ht.train()
+    ht(torch.tensor([7]), admit_hook=hook)
+    assert sorted(ht.ids().tolist()) == [5, 6]
+
+
+def test_min_count_keeps_children_apart_and_validates():
+    from recis.nn import EmbeddingEngine, EmbeddingOption
+
+    hook = AdmitHook("MinCount", {"min_count": 2})
+    engine = EmbeddingEngine({f: EmbeddingOption(embedding_dim=DIM, shared_name=f,
+                                                 admit_hook=hook) for f in ("a", "b")})
+    engine({"a": torch.tensor([[1]]), "b": torch.tensor([[1]])})
+    engine({"a": torch.tensor([[1]]), "b": torch.tensor([[2]])})
+    table = engine.hashtable("a")
+    assert table.ids("a").tolist() == [1] and table.ids("b").tolist() == []
+    with pytest.raises(ValueError, match="min_count must be a positive int"):
+        HashTable([DIM])(torch.tensor([1]), admit_hook=AdmitHook("MinCount", {"min_count": 0}))
+    with pytest.raises(ValueError, match="power of two"):
+        HashTable([DIM])(torch.tensor([1]), admit_hook=AdmitHook("MinCount", {"width": 1000}))

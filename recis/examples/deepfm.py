@@ -148,9 +148,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--filter-step", type=int, default=200,
                    help="remove IDs unseen for this many steps (0: no filter)")
     p.add_argument("--filter-interval", type=int, default=50, help="steps between filter runs")
+    p.add_argument("--min-count", type=int, default=1,
+                   help="admit an ID into the tables after this many occurrences (default 1)")
     p.add_argument("--optimizer", choices=sorted(_SPARSE_OPTIMIZERS), default="adamw",
                    help="sparse optimizer of the tables")
     p.add_argument("--lr", type=float, default=None, help="sparse learning rate")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="weight decay of the table rows (L2 for adam/adagrad/sgd)")
+    p.add_argument("--hidden", default="256,128",
+                   help="DNN widths, comma-separated; empty for FM only (default 256,128)")
+    p.add_argument("--dropout", type=float, default=0.0, help="DNN dropout")
     p.add_argument("--dense-lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps")
     p.add_argument("--eval-batches", type=int, default=20,
@@ -162,7 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", default="deepfm_output", help="directory for metrics and plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "dim", "filter_interval", "eval_every",
+    for name in ("epochs", "batch_size", "dim", "filter_interval", "eval_every", "min_count",
                  "eval_batches", "vocab"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
@@ -170,6 +177,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps must be > 0")
     if args.filter_step < 0:
         p.error("--filter-step must be >= 0")
+    try:
+        args.hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
+    except ValueError:
+        p.error(f"--hidden must be comma-separated ints, got {args.hidden!r}")
+    if any(h <= 0 for h in args.hidden) or not 0 <= args.dropout < 1:
+        p.error("--hidden widths must be > 0 and --dropout in [0, 1)")
     return args
 
 
@@ -178,10 +191,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
     train, evaluation, fields, num_dense, source = build_data(args)
-    model = DeepFM(fields, num_dense, dim=args.dim, filter_step=args.filter_step or None,
-                   seed=args.seed)
+    model = DeepFM(fields, num_dense, dim=args.dim, hidden=args.hidden,
+                   filter_step=args.filter_step or None, seed=args.seed, dropout=args.dropout,
+                   min_count=args.min_count)
     cls, defaults = _SPARSE_OPTIMIZERS[args.optimizer]
-    sparse_kwargs = dict(defaults, **({"lr": args.lr} if args.lr is not None else {}))
+    sparse_kwargs = dict(defaults)
+    if args.lr is not None:
+        sparse_kwargs["lr"] = args.lr
+    if args.weight_decay is not None:
+        sparse_kwargs["weight_decay"] = args.weight_decay
     sparse_opt = cls(filter_out_sparse_param(model), **sparse_kwargs)
     dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
     hooks = [HashTableFilterHook(args.filter_interval, tables=[model])] if args.filter_step else []

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from recis.nn import EmbeddingEngine, EmbeddingOption
-from recis.nn.hashtable_hook import FilterHook
+from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.nn.initializers import NormalInitializer, TruncNormalInitializer
 
 __all__ = ["DeepFM"]
@@ -26,9 +26,12 @@ class DeepFM(nn.Module):
         sparse_fields (list[str]): names of the ID features in the batch.
         num_dense (int): width of the ``dense`` feature tensor (0 for none).
         dim (int): embedding width. Default: 16.
-        hidden (tuple[int, ...]): DNN layer widths. Default: (256, 128).
+        hidden (tuple[int, ...]): DNN layer widths; empty for an FM without DNN.
+            Default: (256, 128).
         filter_step (int, optional): GlobalStepFilter steps on every table (None: no filter).
         seed (int): seed of the embedding initializers. Default: 0.
+        dropout (float): dropout after each hidden layer. Default: 0.
+        min_count (int): admit an ID after this many occurrences (``MinCount``). Default: 1.
 
     Input batch: ``{"label": (B,), "dense": (B, num_dense), field: (B, K) ids or RaggedTensor}``.
     Returns ``{"loss", "preds", "labels"}`` (what :class:`~recis.framework.Trainer` expects).
@@ -36,7 +39,7 @@ class DeepFM(nn.Module):
 
     def __init__(self, sparse_fields: Sequence[str], num_dense: int, dim: int = 16,
                  hidden: Sequence[int] = (256, 128), filter_step: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, dropout: float = 0.0, min_count: int = 1):
         super().__init__()
         if not sparse_fields:
             raise ValueError("sparse_fields must name at least one ID feature")
@@ -44,21 +47,26 @@ class DeepFM(nn.Module):
         self.num_dense = num_dense
         hook = (FilterHook("GlobalStepFilter", {"filter_step": filter_step})
                 if filter_step else None)
+        admit = AdmitHook("MinCount", {"min_count": min_count}) if min_count > 1 else None
         gen = torch.Generator().manual_seed(seed)
         emb_init = TruncNormalInitializer(std=0.01, a=-0.02, b=0.02, generator=gen)
         w_init = NormalInitializer(std=1e-4, generator=torch.Generator().manual_seed(seed + 1))
         options = {}
         for field in self.sparse_fields:
             options[field] = EmbeddingOption(embedding_dim=dim, shared_name=field,
-                                             initializer=emb_init, filter_hook=hook)
+                                             initializer=emb_init, filter_hook=hook,
+                                             admit_hook=admit)
             options[f"{field}_w"] = EmbeddingOption(embedding_dim=1, shared_name=f"{field}_w",
-                                                    initializer=w_init, filter_hook=hook)
+                                                    initializer=w_init, filter_hook=hook,
+                                                    admit_hook=admit)
         self.embedding = EmbeddingEngine(options)
         self.dense_norm = nn.BatchNorm1d(num_dense) if num_dense else None
         layers: list[nn.Module] = []
         width = dim * len(self.sparse_fields) + num_dense
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
             width = h
         layers.append(nn.Linear(width, 1))
         self.dnn = nn.Sequential(*layers)

@@ -362,7 +362,8 @@ class HashTable(nn.Module):
                 missing = (rows < 0).nonzero().squeeze(1)
                 if missing.numel():
                     miss_tags = None if uniq_tags is None else uniq_tags[missing]
-                    admitted = policy.admit(self, uniq[missing], miss_tags)
+                    counts = torch.bincount(inverse, minlength=uniq.numel())[missing]
+                    admitted = policy.admit(self, uniq[missing], miss_tags, counts)
                     take = missing[admitted]
                     rows[take] = self._id_map.lookup_or_insert(
                         uniq[take], None if uniq_tags is None else uniq_tags[take],

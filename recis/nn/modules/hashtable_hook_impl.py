@@ -13,7 +13,7 @@ classes and creates them for tables. Add a policy without touching the library::
 
     FilterHook("DropOddIds")  # now usable in HashTable / EmbeddingOption
 
-Built in: admission ``"ReadOnly"``; filter ``"GlobalStepFilter"``.
+Built in: admission ``"ReadOnly"`` and ``"MinCount"``; filter ``"GlobalStepFilter"``.
 """
 
 from __future__ import annotations
@@ -109,8 +109,9 @@ class BaseAdmitHookImpl:
         if params:
             raise TypeError(f"{type(self).__name__} takes no parameters, got {sorted(params)}")
 
-    def admit(self, table: HashTable, ids: Tensor, tags: Tensor | None) -> Tensor:
-        """Bool mask over ``ids`` (unknown, unique): True = insert."""
+    def admit(self, table: HashTable, ids: Tensor, tags: Tensor | None, counts: Tensor) -> Tensor:
+        """Bool mask over ``ids`` (unknown, unique; ``counts`` = occurrences in this lookup):
+        True = insert now."""
         raise NotImplementedError
 
 
@@ -120,8 +121,61 @@ class ReadOnlyHookImpl(BaseAdmitHookImpl):
 
     admits_nothing = True
 
-    def admit(self, table: HashTable, ids: Tensor, tags: Tensor | None) -> Tensor:
+    def admit(self, table: HashTable, ids: Tensor, tags: Tensor | None, counts: Tensor) -> Tensor:
         return torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
+
+
+@torch.no_grad()
+def count_min_admit(sketch: Tensor, ids: Tensor, tags: Tensor | None, counts: Tensor,
+                    min_count: int) -> Tensor:
+    """Add ``counts`` to a count-min sketch and return which IDs reached ``min_count``.
+
+    An ID is admitted once the smallest of its ``depth`` counters is ``>= min_count``. The
+    sketch may over-count (IDs sharing counters), so an ID can be admitted early, never
+    late. ``sketch`` is ``(depth, width)`` int32 with ``width`` a power of two.
+    """
+    from recis._core.kernels._torch import hash_keys
+
+    depth, width = sketch.shape
+    base = tags if tags is not None else torch.zeros_like(ids)
+    estimate = None
+    for d in range(depth):
+        slot = hash_keys(ids, base + (d + 1) * (1 << 20)) & (width - 1)
+        sketch[d].index_add_(0, slot, counts.to(sketch.dtype))
+        row = sketch[d][slot]
+        estimate = row if estimate is None else torch.minimum(estimate, row)
+    return estimate >= min_count
+
+
+@regist_admit("MinCount")
+class MinCountAdmitHookImpl(BaseAdmitHookImpl):
+    """Admit an ID once it has occurred ``min_count`` times in training lookups.
+
+    Until then it reads as a zero row and gets no gradient. Occurrences of IDs not yet in the
+    table are counted in a count-min sketch of ``depth x width`` int32 counters (fixed memory,
+    ``4 * depth * width`` bytes), which can over-count, so an ID may be admitted a little
+    early, never late. Counts of IDs that are removed later start again from the sketch.
+
+    Args:
+        min_count (int): occurrences needed (>= 1). Default: 2.
+        width (int): counters per row, a power of two. Default: 2**20.
+        depth (int): independent hash rows. Default: 2.
+    """
+
+    def __init__(self, min_count: int = 2, width: int = 1 << 20, depth: int = 2):
+        for name, value in (("min_count", min_count), ("width", width), ("depth", depth)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MinCount: {name} must be a positive int, got {value!r}")
+        if width & (width - 1):
+            raise ValueError(f"MinCount: width must be a power of two, got {width}")
+        self.min_count = min_count
+        self._shape = (depth, width)
+        self._sketch: Tensor | None = None
+
+    def admit(self, table: HashTable, ids: Tensor, tags: Tensor | None, counts: Tensor) -> Tensor:
+        if self._sketch is None:
+            self._sketch = torch.zeros(self._shape, dtype=torch.int32, device=ids.device)
+        return count_min_admit(self._sketch, ids, tags, counts, self.min_count)
 
 
 # -- filters -----------------------------------------------------------------------------------
