@@ -137,6 +137,21 @@ class IdMap:
         self.__init__(self.device)
         self.inserted_total, self.deleted_total = inserted, deleted
 
+    def restore(self, ids: Tensor, tags: Tensor, rows: Tensor, next_row: int,
+                free: Tensor) -> None:
+        """Replace the contents with these ``(id, tag) -> row`` entries and allocator state."""
+        stats = (self.inserted_total, self.deleted_total)
+        self.__init__(self.device, int(ids.numel() / (self.MAX_LOAD * 0.75)) + 1)
+        self.inserted_total, self.deleted_total = stats
+        staged = kernels.new_table(self.capacity, self.device)
+        staged[: ids.numel(), 0] = ids
+        staged[: ids.numel(), 1] = rows | (tags << TAG_SHIFT)
+        self._table = kernels.map_rebuild(staged, self.capacity)
+        self._size = self._used = ids.numel()
+        self._next_row = int(next_row)
+        self._free = torch.sort(free.to(torch.int64), descending=True).values
+        self._n_free = self._free.numel()
+
     def to(self, device: torch.device | str) -> IdMap:
         """A copy of this map on ``device`` (slot positions rebuilt for that backend)."""
         other = IdMap(device, self.capacity)

@@ -68,6 +68,14 @@ class HashTableFilterHook(Hook):
                 found += [m for m in mods if isinstance(m, HashTable)]
             self._tables = [weakref.ref(t) for t in found]
 
+    def state_dict(self) -> dict:
+        """The hook's schedule (saved by the Trainer's checkpoints; RecIS loses it)."""
+        return {"filter_interval": self.filter_interval, "last_filter_step": self.last_filter_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reset_filter_interval(state.get("filter_interval", self.filter_interval))
+        self.last_filter_step = state.get("last_filter_step")
+
     def reset_filter_interval(self, interval: int | None = 100) -> None:
         if interval is not None and (
             isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0

@@ -123,6 +123,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             state = self.state[name]
             state["step"] += 1
             self._update(table, rows, grad, state, group)
+            table._mark_dirty(rows)
         return loss
 
     def _update(self, table: HashTable, rows, grad, state: dict, group: dict) -> None:

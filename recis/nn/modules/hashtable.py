@@ -231,6 +231,10 @@ class HashTable(nn.Module):
         self._grad_rows: list[Tensor] = []
         self._grad_values: list[Tensor] = []
         self._grad_unique = False
+        # change tracking for incremental checkpoints: rows written since the last save, and
+        # the (ids, child indices) removed since then
+        self._dirty = torch.zeros(0, dtype=torch.bool, device=device)  # per storage row
+        self._deleted_log: list[tuple[Tensor, Tensor]] = []
         self._backward_holder = torch.zeros(1, requires_grad=True)
         self._filter_hook = filter_hook
         if filter_hook is not None:
@@ -369,10 +373,12 @@ class HashTable(nn.Module):
                         uniq[take], None if uniq_tags is None else uniq_tags[take],
                         assume_unique=True,
                     )
-            self._slots.ensure_rows(self._id_map.row_high_water)
+            self._ensure_rows()
             all_valid = training and policy is None
             if training:
-                self._filter_hook_impl(rows if all_valid else rows[rows >= 0])
+                touched = rows if all_valid else rows[rows >= 0]
+                self._filter_hook_impl(touched)
+                self._mark_dirty(touched)
         records_grad = training and torch.is_grad_enabled()
         counts = None
         if records_grad and self._grad_reduce_by == "id":
@@ -443,14 +449,20 @@ class HashTable(nn.Module):
         last = torch.full((uniq.numel(),), -1, dtype=torch.int64, device=self._device)
         last.scatter_reduce_(0, inverse, torch.arange(flat.numel(), device=self._device), "amax")
         rows = self._id_map.lookup_or_insert(uniq, uniq_tags, assume_unique=True)
-        self._slots.ensure_rows(self._id_map.row_high_water)
+        self._ensure_rows()
         self._slots.scatter(EMBEDDING_SLOT, rows, embeddings[last])
         self._filter_hook_impl(rows)
+        self._mark_dirty(rows)
 
     def _delete_keys(self, ids: Tensor, tags: Tensor | None) -> int:
         rows = self._id_map.delete(ids, tags)
-        freed = rows[rows >= 0]
+        hit = rows >= 0
+        freed = rows[hit]
         self._slots.reset_rows(freed)
+        if freed.numel():
+            kept_tags = tags[hit] if tags is not None else torch.zeros_like(freed)
+            self._deleted_log.append((ids[hit].clone(), kept_tags.clone()))
+            self._mark_dirty(freed)  # their slots were reset to defaults
         return freed.numel()
 
     @torch.no_grad()
@@ -462,9 +474,104 @@ class HashTable(nn.Module):
 
     def clear(self) -> None:
         """Remove every ID and release all rows and blocks."""
+        ids, tags, _ = self._id_map.items()
+        if ids.numel():
+            self._deleted_log.append((ids, tags))
         self._id_map.clear()
         self._slots.clear()
+        self._dirty = self._dirty[:0]
         self.clear_grad()
+
+    # -- change tracking and row export/import (checkpoints) --------------------------------
+    def _ensure_rows(self, num_rows: int | None = None) -> None:
+        """Grow the slot store to hold the rows handed out; new blocks count as written."""
+        before = self._slots.capacity
+        self._slots.ensure_rows(self._id_map.row_high_water if num_rows is None else num_rows)
+        if self._slots.capacity > before:
+            self._mark_dirty(torch.arange(before, self._slots.capacity, device=self._device))
+
+    def _mark_dirty(self, rows: Tensor) -> None:
+        if rows.numel() == 0:
+            return
+        need = self._slots.capacity
+        if self._dirty.numel() < need:
+            grown = torch.zeros(need, dtype=torch.bool, device=self._device)
+            grown[: self._dirty.numel()] = self._dirty
+            self._dirty = grown
+        self._dirty[rows] = True
+
+    def changes(self) -> tuple[Tensor, Tensor, Tensor]:
+        """What changed since :meth:`mark_saved`: ``(rows written, removed ids, their child
+        indices)``. Rows written are storage rows, live or not: training lookups, inserts,
+        slot writes, optimizer updates, rows reset by removals and newly allocated blocks."""
+        written = self._dirty.nonzero().squeeze(1)
+        if self._deleted_log:
+            del_ids = torch.cat([d[0] for d in self._deleted_log])
+            del_tags = torch.cat([d[1] for d in self._deleted_log])
+        else:
+            del_ids = del_tags = torch.zeros(0, dtype=torch.int64, device=self._device)
+        return written, del_ids, del_tags
+
+    def mark_saved(self) -> None:
+        """Forget the recorded changes (called after a checkpoint captured the table)."""
+        self._dirty.zero_()
+        self._deleted_log.clear()
+
+    def export_rows(self, child: int = 0, rows: Tensor | None = None) -> dict[str, Tensor]:
+        """``{"id": ids, "row": rows, slot: values, ...}`` of one child's live rows (all, or
+        those among ``rows``), ordered by row."""
+        ids, tags, all_rows = self._id_map.items()
+        keep = tags == child
+        if rows is not None:
+            keep &= torch.isin(all_rows, rows)
+        ids, sel = ids[keep], all_rows[keep]
+        out = {"id": ids, "row": sel}
+        for name in self._slots.slot_names:
+            out[name] = self._slots.gather(name, sel)
+        return out
+
+    def export_unused(self, rows: Tensor | None = None) -> dict[str, Tensor]:
+        """``{"row": rows, slot: values}`` of storage rows that hold no ID (free rows and the
+        tail of the last block), all or those among ``rows``; with :meth:`layout` this is what
+        an exact restore needs besides the live rows."""
+        live = torch.zeros(self._slots.capacity, dtype=torch.bool, device=self._device)
+        live[self._id_map.items()[2]] = True
+        unused = (~live).nonzero().squeeze(1)
+        if rows is not None:
+            unused = unused[torch.isin(unused, rows)]
+        out = {"row": unused}
+        for name in self._slots.slot_names:
+            out[name] = self._slots.gather(name, unused)
+        return out
+
+    def layout(self) -> dict[str, Tensor]:
+        """Row allocator state: ``capacity``, ``next_row`` and the free rows (reuse order)."""
+        m = self._id_map
+        return {"capacity": torch.tensor([self._slots.capacity]),
+                "next_row": torch.tensor([m.row_high_water]),
+                "free": m._free[: m._n_free].clone().cpu()}
+
+    @torch.no_grad()
+    def restore_exact(self, ids: Tensor, tags: Tensor, rows: Tensor, capacity: int,
+                      next_row: int, free: Tensor) -> None:
+        """Rebuild the ID map with exactly these ``(id, child) -> row`` entries and allocator
+        state (used by checkpoint loads that restore the layout bit for bit)."""
+        self._id_map.restore(ids.to(self._device), tags.to(self._device),
+                             rows.to(self._device), next_row, free.to(self._device))
+        self._ensure_rows(capacity)
+
+    @torch.no_grad()
+    def import_rows(self, child: int, ids: Tensor, slots: dict[str, Tensor]) -> None:
+        """Insert (or overwrite) rows of one child with the given slot values; slots not given
+        keep their defaults for new rows."""
+        if ids.numel() == 0:
+            return
+        tags = None if child == 0 else torch.full_like(ids, child)
+        rows = self._id_map.lookup_or_insert(ids, tags)
+        self._ensure_rows()
+        for name, values in slots.items():
+            self._slots.scatter(name, rows, values)
+        self._mark_dirty(rows)
 
     # -- reading the contents ----------------------------------------------------------------
     def ids_map(self, child: str | None = None) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,213 @@
+"""CheckpointManager: periodic, atomic checkpoints of a whole training state, and resume.
+
+One checkpoint holds, from the same moment: every table's rows and slots (embeddings,
+optimizer moments, filter stamps), the model's dense state (parameters and buffers, so the
+filters' step counters too), the dense optimizer and LR scheduler, the sparse optimizer's
+per-table counters, torch's RNG state, the step and any extra state (e.g. the data position).
+Nothing is pickled: tensors go to safetensors, the rest to JSON in the index.
+
+Layout of ``output_dir``::
+
+    ckpt_000000100/   ckpt_000000200/   ...   latest   (the name of the newest checkpoint)
+
+``latest`` is replaced atomically after a checkpoint is complete, so a crash at any point
+leaves the previous checkpoint as ``latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from recis.nn.modules.hashtable import split_sparse_dense_state_dict
+from recis.serialize._files import CheckpointError, atomic_write_bytes
+from recis.serialize.checkpoint import Loader, Saver, chain, read_dense, read_index
+from recis.utils.logger import Logger
+
+logger = Logger(__name__)
+
+__all__ = ["CheckpointManager"]
+
+LATEST = "latest"
+_PREFIX = "ckpt_"
+
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
+    """JSON skeleton of a nested state (dicts, lists, numbers, strings) with tensors moved to
+    ``tensors`` and replaced by ``{"__tensor__": key}``."""
+    if isinstance(obj, Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, Mapping):
+        return {"__dict__": [[_flatten(k, f"{prefix}/k{i}", tensors),
+                              _flatten(v, f"{prefix}/{i}", tensors)]
+                             for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        items = [_flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint {type(obj).__name__} at {prefix!r} without pickle")
+
+
+def _unflatten(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]].clone()
+        if "__dict__" in obj:
+            return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+class CheckpointManager:
+    """Save and restore training state under ``output_dir``.
+
+    Args:
+        model (nn.Module): the model (its tables and dense state).
+        sparse_optimizer (SparseOptimizer, optional): the tables' optimizer.
+        dense_optimizer (torch.optim.Optimizer, optional): the dense optimizer.
+        lr_scheduler (optional): a torch LR scheduler.
+        output_dir (str): where checkpoints live. Default: ``"output_dir"``.
+        save_interval (int): :meth:`step` saves every this many steps. Default: 1000.
+        max_keep (int): checkpoints kept; older ones are deleted (never the base of a kept
+            incremental checkpoint). Default: 5.
+        incremental_every (int): every save but one in this many is incremental (only the
+            rows changed since the previous save); 0 or 1: always full. Default: 0.
+
+    Example::
+
+        manager = CheckpointManager(model, sparse_opt, dense_opt, output_dir="run1",
+                                    save_interval=500)
+        step = manager.restore() or 0     # resume if run1 holds a checkpoint
+        for batch in data: ...; step += 1; manager.step(step)
+    """
+
+    def __init__(self, model: nn.Module, sparse_optimizer: Any = None,
+                 dense_optimizer: Any = None, lr_scheduler: Any = None,
+                 output_dir: str = "output_dir", save_interval: int = 1000, max_keep: int = 5,
+                 incremental_every: int = 0):
+        for name, value in (("save_interval", save_interval), ("max_keep", max_keep)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.model = model
+        self.sparse_optimizer = sparse_optimizer
+        self.dense_optimizer = dense_optimizer
+        self.lr_scheduler = lr_scheduler
+        self.output_dir = os.path.abspath(output_dir)
+        self.save_interval = save_interval
+        self.max_keep = max_keep
+        self.incremental_every = incremental_every
+        self._saves = 0
+
+    # -- paths -------------------------------------------------------------------------------
+    def checkpoints(self) -> list[str]:
+        """Names of the complete checkpoints, oldest first."""
+        if not os.path.isdir(self.output_dir):
+            return []
+        names = [n for n in os.listdir(self.output_dir) if n.startswith(_PREFIX)
+                 and os.path.isfile(os.path.join(self.output_dir, n, "index.json"))]
+        return sorted(names)
+
+    def latest(self) -> str | None:
+        """Path of the newest complete checkpoint (from ``latest``), or None."""
+        pointer = os.path.join(self.output_dir, LATEST)
+        if not os.path.exists(pointer):
+            return None
+        with open(pointer) as f:
+            name = f.read().strip()
+        path = os.path.join(self.output_dir, name)
+        read_index(path)  # a dangling pointer is an error worth hearing about
+        return path
+
+    # -- saving ------------------------------------------------------------------------------
+    def _state(self, step: int, extra: Mapping | None) -> tuple[dict, dict, dict]:
+        state = self.model.state_dict()
+        tables, dense = split_sparse_dense_state_dict(dict(state))
+        tensors = {f"model/{k}": v for k, v in dense.items()}
+        meta: dict[str, Any] = {"global_step": int(step), "extra": dict(extra or {})}
+        tensors["rng/torch"] = torch.get_rng_state()
+        if self.dense_optimizer is not None:
+            meta["dense_optimizer"] = _flatten(self.dense_optimizer.state_dict(), "dense_opt",
+                                               tensors)
+        if self.lr_scheduler is not None:
+            meta["lr_scheduler"] = _flatten(self.lr_scheduler.state_dict(), "sched", tensors)
+        if self.sparse_optimizer is not None:
+            meta["sparse_optimizer"] = self.sparse_optimizer.state_dict()
+        return tables, tensors, meta
+
+    def save(self, step: int, extra: Mapping | None = None,
+             incremental: bool | None = None) -> str:
+        """Save now as ``ckpt_<step>``; returns its path. ``extra``: JSON-able state."""
+        name = f"{_PREFIX}{int(step):09d}"
+        path = os.path.join(self.output_dir, name)
+        os.makedirs(self.output_dir, exist_ok=True)
+        previous = self.latest()
+        if incremental is None:
+            n = self.incremental_every
+            incremental = n > 1 and previous is not None and self._saves % n != 0
+        if incremental and previous is None:
+            raise CheckpointError("an incremental save needs an earlier checkpoint in output_dir")
+        tables, tensors, meta = self._state(step, extra)
+        json.dumps(meta)  # fail before writing anything if extra is not JSON-able
+        if os.path.exists(path):
+            raise CheckpointError(f"{path} already exists")
+        Saver(path=path, hashtables=tables, tensors=tensors).save(
+            incremental=incremental, base=os.path.basename(previous) if incremental else None,
+            extra=meta)
+        atomic_write_bytes(os.path.join(self.output_dir, LATEST), name.encode())
+        self._saves += 1
+        self._prune()
+        logger.info("saved %s%s", path, " (incremental)" if incremental else "")
+        return path
+
+    def step(self, global_step: int, extra: Mapping | None = None) -> str | None:
+        """Save if ``global_step`` is a multiple of ``save_interval``."""
+        if global_step > 0 and global_step % self.save_interval == 0:
+            return self.save(global_step, extra)
+        return None
+
+    def _prune(self) -> None:
+        names = self.checkpoints()
+        keep = set(names[-self.max_keep:])
+        for name in list(keep):  # keep every checkpoint a kept one depends on
+            keep.update(os.path.basename(p) for p in chain(os.path.join(self.output_dir, name)))
+        for name in names:
+            if name not in keep:
+                shutil.rmtree(os.path.join(self.output_dir, name), ignore_errors=True)
+        for name in os.listdir(self.output_dir):  # staging dirs of interrupted saves
+            if name.startswith(f".{_PREFIX}") and name.endswith(".partial"):
+                shutil.rmtree(os.path.join(self.output_dir, name), ignore_errors=True)
+
+    # -- restoring ---------------------------------------------------------------------------
+    def restore(self, path: str | None = None, strict: bool = True) -> int | None:
+        """Load ``path`` (default: the latest checkpoint) into the model and optimizers;
+        returns the restored step, or None when there is nothing to restore."""
+        path = path or self.latest()
+        if path is None:
+            return None
+        tables, tensors_now, _ = self._state(0, None)
+        model_tensors = {k: v for k, v in tensors_now.items() if k.startswith("model/")}
+        Loader(path, hashtables=tables, tensors=model_tensors, strict=strict).load()
+        meta = read_index(path)["extra"]
+        dense = read_dense(path)
+        if "rng/torch" in dense:
+            torch.set_rng_state(dense["rng/torch"])
+        if self.dense_optimizer is not None and "dense_optimizer" in meta:
+            self.dense_optimizer.load_state_dict(_unflatten(meta["dense_optimizer"], dense))
+        if self.lr_scheduler is not None and "lr_scheduler" in meta:
+            self.lr_scheduler.load_state_dict(_unflatten(meta["lr_scheduler"], dense))
+        if self.sparse_optimizer is not None and "sparse_optimizer" in meta:
+            self.sparse_optimizer.load_state_dict(meta["sparse_optimizer"])
+        self.restored_extra = meta.get("extra", {})
+        logger.info("restored %s (step %d)", path, meta["global_step"])
+        return int(meta["global_step"])

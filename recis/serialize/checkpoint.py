@@ -1,0 +1,633 @@
+"""Checkpoints of dynamic tables and dense tensors: Saver, Loader, CheckpointReader.
+
+A checkpoint is a directory that becomes visible only when complete::
+
+    ckpt_000100/
+      index.json                           format, kind (full/delta), base, files + CRC-32,
+                                           tables (children, slots, shapes, dtypes), extra
+      sparse-00000-of-00002.safetensors    rows of shard 0: "<child>.id/part_0_2",
+      sparse-00001-of-00002.safetensors    "<child>.<slot>/part_0_2", ... (RecIS's key names)
+      dense.safetensors                    dense tensors (written by shard 0)
+
+Every file is written under a hidden staging directory ``.ckpt_000100.partial``, fsynced, and
+the directory is renamed to its final name by the last shard to finish, after ``index.json``
+is in place; a process killed at any moment leaves either no checkpoint or a complete one.
+Loading checks every file's size and CRC-32 before anything is written into a table.
+
+Incremental checkpoints (``Saver.save(incremental=True)``) hold only the rows written since the
+previous save of the same tables and the IDs removed since then (``<child>.deleted_id``), and
+name their ``base``; loading follows the chain back to a full checkpoint. :func:`compact`
+turns a chain into a full checkpoint.
+
+Reading a checkpoint without recis::
+
+    import json
+    from safetensors import safe_open
+    index = json.load(open("ckpt/index.json"))
+    with safe_open("ckpt/sparse-00000-of-00001.safetensors", "pt") as f:
+        ids = f.get_tensor("user.id/part_0_1")
+        emb = f.get_tensor("user.embedding/part_0_1")   # row i belongs to ids[i]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from recis.nn.modules.hashtable import HashTable, Slice
+from recis.serialize._files import (
+    CheckpointError,
+    atomic_write_json,
+    dtype_from_name,
+    dtype_name,
+    fsync_dir,
+    read_safetensors,
+    write_safetensors,
+)
+from recis.utils.logger import Logger
+
+logger = Logger(__name__)
+
+__all__ = ["Saver", "Loader", "CheckpointReader", "CheckpointError", "compact", "FORMAT_VERSION"]
+
+FORMAT = "recis-checkpoint"
+FORMAT_VERSION = 1
+INDEX = "index.json"
+DENSE_FILE = "dense.safetensors"
+SLICE_SIZE = 65536
+
+
+def _sparse_file(shard: int, shard_num: int) -> str:
+    return f"sparse-{shard:05d}-of-{shard_num:05d}.safetensors"
+
+
+def _shard_index(shard: int, shard_num: int) -> str:
+    return f"index-{shard:05d}-of-{shard_num:05d}.json"
+
+
+def _key(child: str, field: str, shard: int, shard_num: int) -> str:
+    return f"{child}.{field}/part_{shard}_{shard_num}"
+
+
+def _staging(path: str) -> str:
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.partial")
+
+
+def _tables_of(hashtables: Any) -> dict[str, HashTable]:
+    if hashtables is None:
+        return {}
+    if isinstance(hashtables, HashTable):
+        return {hashtables.name: hashtables}
+    if not isinstance(hashtables, Mapping):
+        raise TypeError(f"hashtables must be a dict name -> HashTable, got {type(hashtables)}")
+    for name, t in hashtables.items():
+        if not isinstance(t, HashTable):
+            raise TypeError(f"hashtables[{name!r}] must be a HashTable, got {type(t).__name__}")
+    return dict(hashtables)
+
+
+def _children(tables: Mapping[str, HashTable]) -> dict[str, tuple[HashTable, int]]:
+    """Logical table (child) name -> (physical table, child index); names must be unique."""
+    out: dict[str, tuple[HashTable, int]] = {}
+    for table in tables.values():
+        for idx, child in enumerate(table.children_hashtable):
+            if child in out and out[child][0] is not table:
+                raise CheckpointError(
+                    f"two tables both hold a logical table named {child!r}; checkpoints key "
+                    "rows by logical table name, so give them distinct shared_name values"
+                )
+            out[child] = (table, idx)
+    return out
+
+
+def _table_info(table: HashTable) -> dict:
+    return {
+        "physical": table.name,
+        "embedding_shape": list(table.embedding_shape),
+        "slots": {
+            name: {"shape": list(table._slots.spec(name).row_shape),
+                   "dtype": dtype_name(table._slots.spec(name).dtype)}
+            for name in table.slot_names
+        },
+    }
+
+
+class Saver:
+    """Write a checkpoint of tables (their rows and every slot) and dense tensors.
+
+    Args:
+        shard_index (int): this worker's shard. Default: 0.
+        shard_num (int): number of workers writing the checkpoint. Default: 1.
+        parallel (int): accepted for RecIS compatibility (one file per shard is written).
+        path (str): the checkpoint directory to create (must not exist).
+        hashtables (dict[str, HashTable]): e.g. ``filter_out_sparse_param(model)``.
+        tensors (dict[str, Tensor]): dense tensors, written by shard 0.
+        filter_func (callable, optional): ``f(list of tensor keys) -> list`` to keep a subset
+            of the sparse tensors.
+
+    Example::
+
+        Saver(path="ckpt/ckpt_000100", hashtables=filter_out_sparse_param(model),
+              tensors=dense_state).save(extra={"global_step": 100})
+    """
+
+    def __init__(self, shard_index: int = 0, shard_num: int = 1, parallel: int = 8,
+                 path: str = ".", hashtables: Any = None, tensors: Mapping | None = None,
+                 filter_func: Callable | None = None):
+        if not 0 <= shard_index < shard_num:
+            raise ValueError(f"shard_index must be in [0, {shard_num}), got {shard_index}")
+        self.shard_index, self.shard_num = shard_index, shard_num
+        self.path = os.path.abspath(path)
+        self.tables = _tables_of(hashtables)
+        self.tensors = dict(tensors or {})
+        for name, t in self.tensors.items():
+            if not isinstance(t, Tensor):
+                raise TypeError(f"tensors[{name!r}] must be a Tensor, got {type(t).__name__}")
+        self.filter_func = filter_func
+
+    def save(self, incremental: bool = False, base: str | None = None,
+             extra: Mapping | None = None) -> str:
+        """Write this shard's part; the last shard to finish publishes the checkpoint.
+
+        ``incremental=True`` writes only what changed since the tables were last saved and
+        names ``base`` (the previous checkpoint's directory name) in the index. ``extra``
+        is JSON-serialisable state stored in the index (shard 0). Returns the path.
+        """
+        if incremental and not base:
+            raise ValueError("an incremental save needs base= (the previous checkpoint)")
+        if os.path.exists(self.path):
+            raise CheckpointError(f"{self.path} already exists; checkpoints are never overwritten")
+        children = _children(self.tables)
+        staging = _staging(self.path)
+        os.makedirs(staging, exist_ok=True)
+        n, k = self.shard_num, self.shard_index
+        data: dict[str, Tensor] = {}
+        rows_saved: dict[str, int] = {}
+        for table in self.tables.values():
+            written = None
+            if incremental:
+                written, del_ids, del_tags = table.changes()
+            for idx, child in enumerate(table.children_hashtable):
+                if incremental:
+                    data[_key(child, "deleted_id", k, n)] = del_ids[del_tags == idx].cpu()
+                part = table.export_rows(idx, written)
+                rows_saved[child] = int(part["id"].numel())
+                for field, values in part.items():
+                    data[_key(child, field, k, n)] = values.cpu()
+            # what an exact restore needs besides the live rows: rows without an ID (their
+            # values are what new IDs will get), the allocator state and the RNG state
+            phys = "@" + table.name
+            for field, values in table.export_unused(written).items():
+                data[_key(phys + ".unused", field, k, n)] = values.cpu()
+            for field, values in table.layout().items():
+                data[_key(phys + ".layout", field, k, n)] = values
+            gen = getattr(table.initializer(), "generator", None)
+            if gen is not None:
+                data[_key(phys + ".rng", "state", k, n)] = gen.get_state()
+        if self.filter_func is not None:
+            keep = set(self.filter_func(list(data)))
+            data = {key: v for key, v in data.items() if key in keep}
+        files = {_sparse_file(k, n): write_safetensors(
+            os.path.join(staging, _sparse_file(k, n)), data,
+            {"format": FORMAT, "version": str(FORMAT_VERSION)})}
+        if k == 0 and self.tensors:
+            files[DENSE_FILE] = write_safetensors(
+                os.path.join(staging, DENSE_FILE),
+                {name: t.detach().cpu() for name, t in self.tensors.items()},
+                {"format": FORMAT, "version": str(FORMAT_VERSION)})
+        shard_index = {
+            "files": files,
+            "tables": {c: _table_info(t) for c, (t, _) in children.items()},
+            "physical": {t.name: list(t.children_hashtable) for t in self.tables.values()},
+            "rows": rows_saved,
+            "dense": sorted(self.tensors) if k == 0 else [],
+            "extra": dict(extra or {}) if k == 0 else {},
+        }
+        atomic_write_json(os.path.join(staging, _shard_index(k, n)), shard_index)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and n > 1:
+            torch.distributed.barrier()
+            if k == 0:
+                self._publish(staging, incremental, base)
+        elif all(os.path.exists(os.path.join(staging, _shard_index(s, n))) for s in range(n)):
+            self._publish(staging, incremental, base)
+        for table in self.tables.values():
+            table.mark_saved()
+        return self.path
+
+    def _publish(self, staging: str, incremental: bool, base: str | None) -> None:
+        n = self.shard_num
+        parts = []
+        for s in range(n):
+            with open(os.path.join(staging, _shard_index(s, n))) as f:
+                parts.append(json.load(f))
+        index = {
+            "format": FORMAT, "version": FORMAT_VERSION,
+            "kind": "delta" if incremental else "full", "base": base, "shard_num": n,
+            "files": {}, "tables": {}, "physical": {}, "rows": {}, "dense": [], "extra": {},
+        }
+        for part in parts:
+            index["files"].update(part["files"])
+            index["tables"].update(part["tables"])
+            index["physical"].update(part["physical"])
+            for child, count in part["rows"].items():
+                index["rows"][child] = index["rows"].get(child, 0) + count
+            index["dense"] += part["dense"]
+            index["extra"].update(part["extra"])
+        atomic_write_json(os.path.join(staging, INDEX), index)
+        fsync_dir(staging)
+        os.rename(staging, self.path)  # the moment the checkpoint becomes visible
+        fsync_dir(os.path.dirname(self.path))
+
+
+def read_index(path: str) -> dict:
+    index_path = os.path.join(path, INDEX)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {INDEX}: not a complete checkpoint") from None
+    except ValueError as e:
+        raise CheckpointError(f"{index_path} is corrupted: {e}") from None
+    if index.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a recis checkpoint (format={index.get('format')})")
+    if index.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format version {index['version']}; this recis reads up to "
+            f"{FORMAT_VERSION}: upgrade recis"
+        )
+    return index
+
+
+def chain(path: str) -> list[str]:
+    """The checkpoints to apply in order: a full one, then its deltas up to ``path``."""
+    out = [os.path.abspath(path)]
+    while True:
+        index = read_index(out[0])
+        if index["kind"] == "full":
+            return out
+        if not index.get("base"):
+            raise CheckpointError(f"delta checkpoint {out[0]} names no base")
+        out.insert(0, os.path.join(os.path.dirname(out[0]), index["base"]))
+        if len(out) > 10_000:
+            raise CheckpointError(f"checkpoint chain of {path} does not end")
+
+
+def _read_sparse(path: str, index: dict) -> dict[str, dict[str, list[Tensor]]]:
+    """child -> field -> [tensor per shard part], after checking every file."""
+    out: dict[str, dict[str, list[Tensor]]] = {}
+    for fname, expected in sorted(index["files"].items()):
+        if fname == DENSE_FILE:
+            continue
+        for key, t in read_safetensors(os.path.join(path, fname), expected).items():
+            name, _, _ = key.partition("/")
+            child, _, field = name.rpartition(".")
+            out.setdefault(child, {}).setdefault(field, []).append(t)
+    return out
+
+
+def _in_slice(ids: Tensor, s: Slice) -> Tensor:
+    """IDs whose (uint64) value mod slice_size falls in the slice (the resharding rule)."""
+    if s.slice_begin == 0 and s.slice_end == s.slice_size:
+        return torch.ones_like(ids, dtype=torch.bool)
+    low = ids & (s.slice_size - 1) if s.slice_size & (s.slice_size - 1) == 0 else (
+        torch.remainder(ids, s.slice_size))  # two's complement: same as uint64 for 2^k sizes
+    return (low >= s.slice_begin) & (low < s.slice_end)
+
+
+class Loader:
+    """Load a checkpoint into tables and dense tensors.
+
+    A table's contents are **replaced** (rows that exist now but not in the checkpoint are
+    removed); dims, dtypes and slot names are checked, and only the IDs of the table's slice
+    are taken, so a checkpoint written by N shards loads into M. With ``strict=True``
+    (default) a logical table or slot missing on either side, or a dense tensor missing, is an
+    error; ``strict=False`` loads what matches and returns what did not.
+
+    Args:
+        checkpoint_path (str): a checkpoint directory (a delta loads its whole chain).
+        hashtables (dict[str, HashTable]): the tables to fill.
+        tensors (dict[str, Tensor]): dense tensors, filled in place.
+        parallel (int): accepted for RecIS compatibility.
+        filter_func (callable, optional): ``f(plan) -> plan`` where plan is
+            ``{child: [slots]}``, to load a subset.
+        strict (bool): see above. Default: True.
+    """
+
+    def __init__(self, checkpoint_path: str, hashtables: Any = None,
+                 tensors: Mapping | None = None, parallel: int = 16,
+                 filter_func: Callable | None = None, strict: bool = True):
+        self.path = os.path.abspath(checkpoint_path)
+        self.tables = _tables_of(hashtables)
+        self.tensors = dict(tensors or {})
+        self.filter_func = filter_func
+        self.strict = strict
+
+    def load(self) -> dict[str, list[str]]:
+        """Load; returns ``{"missing": [...], "unexpected": [...]}`` (empty when strict)."""
+        paths = chain(self.path)
+        indexes = [read_index(p) for p in paths]
+        last = indexes[-1]
+        children = _children(self.tables)
+        plan = {c: list(t.slot_names) for c, (t, _) in children.items()}
+        if self.filter_func is not None:
+            plan = self.filter_func(plan)
+        missing, unexpected = [], []
+        for child in plan:
+            if child not in last["tables"]:
+                missing.append(child)
+                continue
+            saved = last["tables"][child]
+            table = children[child][0]
+            if saved["embedding_shape"] != list(table.embedding_shape):
+                raise CheckpointError(
+                    f"table {child!r}: checkpoint rows have shape {saved['embedding_shape']}, "
+                    f"the table {list(table.embedding_shape)}"
+                )
+            for slot in plan[child]:
+                if slot not in saved["slots"]:
+                    missing.append(f"{child}.{slot}")
+                    continue
+                spec = table._slots.spec(slot)
+                info = saved["slots"][slot]
+                if info["shape"] != list(spec.row_shape) or dtype_from_name(
+                        info["dtype"]) != spec.dtype:
+                    raise CheckpointError(
+                        f"{child}.{slot}: checkpoint has shape {info['shape']} "
+                        f"{info['dtype']}, the table {list(spec.row_shape)} {spec.dtype}"
+                    )
+            unexpected += [f"{child}.{s}" for s in saved["slots"] if s not in plan[child]]
+        unexpected += [c for c in last["tables"] if c not in plan]
+        missing += [name for name in self.tensors if name not in last["dense"]]
+        if self.strict and (missing or unexpected):
+            raise CheckpointError(
+                f"Error(s) in loading checkpoint {self.path}:\n"
+                f"    Missing: {sorted(missing)}\n    Unexpected: {sorted(unexpected)}\n"
+                "(pass strict=False to load what matches)"
+            )
+        # Read and verify every file of the chain before touching any table.
+        contents = [_read_sparse(p, ix) for p, ix in zip(paths, indexes, strict=True)]
+        dense = {}
+        if self.tensors and DENSE_FILE in last["files"]:
+            dense = read_safetensors(os.path.join(paths[-1], DENSE_FILE),
+                                     last["files"][DENSE_FILE])
+        for name, target in self.tensors.items():
+            if name in dense and (dense[name].shape != target.shape
+                                  or dense[name].dtype != target.dtype):
+                raise CheckpointError(
+                    f"dense tensor {name!r}: checkpoint {tuple(dense[name].shape)} "
+                    f"{dense[name].dtype}, target {tuple(target.shape)} {target.dtype}"
+                )
+        tables = list({id(t): t for t, _ in children.values()}.values())  # unique, in order
+        for table in tables:
+            kids = table.children_hashtable
+            present = [c for c in kids if c in plan and c in last["tables"]]
+            if not present:
+                continue
+            exact = (
+                self.filter_func is None
+                and all(ix["shard_num"] == 1 for ix in indexes)
+                and last["physical"].get(table.name) == kids
+                and table.slice == Slice(0, SLICE_SIZE, SLICE_SIZE)
+            )
+            if exact:
+                _restore_exact(table, contents)
+            else:
+                _restore_by_id(table, contents, plan)
+            table.mark_saved()
+        with torch.no_grad():
+            for name, target in self.tensors.items():
+                if name in dense:
+                    target.copy_(dense[name])
+        return {"missing": sorted(missing), "unexpected": sorted(unexpected)}
+
+    @property
+    def extra(self) -> dict:
+        """The ``extra`` state stored with the checkpoint (e.g. the training step)."""
+        return read_index(self.path).get("extra", {})
+
+
+def _cat(fields: Mapping[str, list[Tensor]], name: str) -> Tensor:
+    return torch.cat(fields[name])
+
+
+def _restore_exact(table: HashTable, contents: list[dict]) -> None:
+    """Replay a chain row by row: same IDs on the same rows, same values in every storage row
+    (also the rows without an ID, which new IDs will take), same allocator and RNG state; so
+    training continues exactly as if it had not stopped."""
+    phys = "@" + table.name
+    table.clear()
+    dev = table.device
+    owned = torch.zeros(0, dtype=torch.bool, device=dev)
+    owner_id = torch.zeros(0, dtype=torch.int64, device=dev)
+    owner_tag = torch.zeros(0, dtype=torch.int64, device=dev)
+    layout: dict[str, Tensor] = {}
+    rng = None
+    for content in contents:
+        layout = {f: _cat(content[phys + ".layout"], f) for f in content[phys + ".layout"]}
+        cap = int(layout["capacity"][0])
+        table._ensure_rows(cap)
+        if owned.numel() < cap:
+            grow = cap - owned.numel()
+            owned = torch.cat([owned, torch.zeros(grow, dtype=torch.bool, device=dev)])
+            owner_id = torch.cat([owner_id, torch.zeros(grow, dtype=torch.int64, device=dev)])
+            owner_tag = torch.cat([owner_tag, torch.zeros(grow, dtype=torch.int64, device=dev)])
+        unused = content.get(phys + ".unused", {})
+        if "row" in unused:
+            rows = _cat(unused, "row").to(dev)
+            owned[rows] = False
+            for slot in table.slot_names:
+                if slot in unused:
+                    table._slots.scatter(slot, rows, _cat(unused, slot).to(dev))
+        for idx, child in enumerate(table.children_hashtable):
+            fields = content.get(child, {})
+            if "row" not in fields:
+                continue
+            rows = _cat(fields, "row").to(dev)
+            owned[rows] = True
+            owner_id[rows] = _cat(fields, "id").to(dev)
+            owner_tag[rows] = idx
+            for slot in table.slot_names:
+                if slot in fields:
+                    table._slots.scatter(slot, rows, _cat(fields, slot).to(dev))
+        if phys + ".rng" in content:
+            rng = _cat(content[phys + ".rng"], "state")
+    rows = owned.nonzero().squeeze(1)
+    table.restore_exact(owner_id[rows], owner_tag[rows], rows, int(layout["capacity"][0]),
+                        int(layout["next_row"][0]), layout["free"])
+    gen = getattr(table.initializer(), "generator", None)
+    if gen is not None and rng is not None:
+        gen.set_state(rng)
+
+
+def _merge_by_id(contents: list[dict], child: str) -> dict[str, Tensor] | None:
+    """A child's live rows after a chain, by ID: ``{"id": ..., slot: ...}`` (None if absent)."""
+    cur = None
+    for content in contents:
+        fields = content.get(child)
+        if fields is None:
+            continue
+        if "deleted_id" in fields and cur is not None:
+            keep = ~torch.isin(cur["id"], _cat(fields, "deleted_id"))
+            cur = {f: v[keep] for f, v in cur.items()}
+        if "id" in fields:
+            new = {f: _cat(fields, f) for f in fields if f not in ("deleted_id", "row")}
+            if cur is not None:
+                keep = ~torch.isin(cur["id"], new["id"])
+                cur = {f: torch.cat([cur[f][keep], new[f]]) for f in new}
+            else:
+                cur = new
+    return cur
+
+
+def _restore_by_id(table: HashTable, contents: list[dict], plan: Mapping) -> None:
+    """Replace the table's rows with the checkpoint's IDs of this table's slice (resharding,
+    partial loads): values are exact; row positions and the RNG state are new."""
+    table.clear()
+    for idx, child in enumerate(table.children_hashtable):
+        if child not in plan:
+            continue
+        state = _merge_by_id(contents, child)
+        if state is None:
+            continue
+        ids = state["id"].to(table.device)
+        keep = _in_slice(ids, table.slice)
+        values = {s: state[s].to(table.device)[keep] for s in plan[child] if s in state}
+        table.import_rows(idx, ids[keep], values)
+
+
+def read_dense(path: str) -> dict[str, Tensor]:
+    """The dense tensors of a checkpoint (checksum verified)."""
+    index = read_index(path)
+    if DENSE_FILE not in index["files"]:
+        return {}
+    return read_safetensors(os.path.join(path, DENSE_FILE), index["files"][DENSE_FILE])
+
+
+class CheckpointReader:
+    """Read-only view of a checkpoint: names, shapes, dtypes and values of its tensors.
+
+    Sparse tensors are named ``child@field`` (``field`` is ``id`` or a slot), concatenated over
+    shards; dense tensors by their name. Example::
+
+        r = CheckpointReader("ckpt/ckpt_000100")
+        r.tensor_names()                   # ['item@embedding', 'item@id', ..., 'dense.weight']
+        r.read_tensor("item@embedding")    # rows in the order of r.read_tensor("item@id")
+    """
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self.index = read_index(self.path)
+        self._cache: dict[str, Tensor] | None = None
+
+    def _all(self) -> dict[str, Tensor]:
+        if self._cache is None:
+            out = {}
+            for child, fields in _read_sparse(self.path, self.index).items():
+                for field, parts in fields.items():
+                    out[f"{child}@{field}"] = torch.cat(parts)
+            if DENSE_FILE in self.index["files"]:
+                out.update(read_safetensors(os.path.join(self.path, DENSE_FILE),
+                                            self.index["files"][DENSE_FILE]))
+            self._cache = out
+        return self._cache
+
+    def tensor_names(self) -> list[str]:
+        return sorted(self._all())
+
+    def read_tensor(self, name: str) -> Tensor:
+        try:
+            return self._all()[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in {self.path}; see tensor_names()") from None
+
+    def tensor_shape(self, name: str) -> list[int]:
+        return list(self.read_tensor(name).shape)
+
+    def tensor_dtype(self, name: str) -> torch.dtype:
+        return self.read_tensor(name).dtype
+
+    @property
+    def extra(self) -> dict:
+        return self.index.get("extra", {})
+
+
+def compact(path: str, out: str) -> str:
+    """Write the state at checkpoint ``path`` (a delta and its chain) as one full checkpoint
+    at ``out``, restorable exactly like the chain; returns ``out``."""
+    paths = chain(path)
+    indexes = [read_index(p) for p in paths]
+    last = indexes[-1]
+    if any(ix["shard_num"] != 1 for ix in indexes):
+        raise CheckpointError("compact() handles single-shard checkpoints; load the chain into "
+                              "the tables and save a full checkpoint instead")
+    contents = [_read_sparse(p, ix) for p, ix in zip(paths, indexes, strict=True)]
+    data: dict[str, Tensor] = {}
+    for phys_name, kids in last["physical"].items():
+        phys = "@" + phys_name
+        slots = last["tables"][kids[0]]["slots"]
+        layout = {f: _cat(contents[-1][phys + ".layout"], f)
+                  for f in contents[-1][phys + ".layout"]}
+        cap = int(layout["capacity"][0])
+        storage = {s: torch.zeros(cap, *info["shape"], dtype=dtype_from_name(info["dtype"]))
+                   for s, info in slots.items()}
+        owned = torch.zeros(cap, dtype=torch.bool)
+        owner_id = torch.zeros(cap, dtype=torch.int64)
+        owner_tag = torch.zeros(cap, dtype=torch.int64)
+        rng = None
+        for content in contents:
+            groups = [(content.get(phys + ".unused", {}), None)]
+            groups += [(content.get(c, {}), i) for i, c in enumerate(kids)]
+            for fields, idx in groups:
+                if "row" not in fields:
+                    continue
+                rows = _cat(fields, "row")
+                owned[rows] = idx is not None
+                if idx is not None:
+                    owner_id[rows] = _cat(fields, "id")
+                    owner_tag[rows] = idx
+                for s in storage:
+                    if s in fields:
+                        storage[s][rows] = _cat(fields, s)
+            if phys + ".rng" in content:
+                rng = _cat(content[phys + ".rng"], "state")
+        for idx, child in enumerate(kids):
+            rows = (owned & (owner_tag == idx)).nonzero().squeeze(1)
+            data[_key(child, "id", 0, 1)] = owner_id[rows]
+            data[_key(child, "row", 0, 1)] = rows
+            for s, values in storage.items():
+                data[_key(child, s, 0, 1)] = values[rows]
+        rows = (~owned).nonzero().squeeze(1)
+        data[_key(phys + ".unused", "row", 0, 1)] = rows
+        for s, values in storage.items():
+            data[_key(phys + ".unused", s, 0, 1)] = values[rows]
+        for f, v in layout.items():
+            data[_key(phys + ".layout", f, 0, 1)] = v
+        if rng is not None:
+            data[_key(phys + ".rng", "state", 0, 1)] = rng
+    if os.path.exists(out):
+        raise CheckpointError(f"{out} already exists")
+    staging = _staging(out)
+    os.makedirs(staging, exist_ok=True)
+    files = {_sparse_file(0, 1): write_safetensors(os.path.join(staging, _sparse_file(0, 1)),
+                                                   data)}
+    if DENSE_FILE in last["files"]:
+        shutil.copy2(os.path.join(paths[-1], DENSE_FILE), os.path.join(staging, DENSE_FILE))
+        files[DENSE_FILE] = last["files"][DENSE_FILE]
+    rows_per_child = {c: int(data[_key(c, "id", 0, 1)].numel())
+                      for kids in last["physical"].values() for c in kids}
+    index = {**last, "kind": "full", "base": None, "shard_num": 1, "files": files,
+             "rows": rows_per_child}
+    atomic_write_json(os.path.join(staging, INDEX), index)
+    fsync_dir(staging)
+    os.rename(staging, out)
+    fsync_dir(os.path.dirname(os.path.abspath(out)))
+    return out
