@@ -308,11 +308,15 @@ def test_kill_minus_nine_during_saves_never_leaves_a_torn_checkpoint(tmp_path):
     out = tmp_path / "run"
     rng = random.Random(0)
     kills = 0
+    log = tmp_path / "stderr.txt"
     for _ in range(8):
-        proc = subprocess.Popen([sys.executable, str(script), str(out)],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        with open(log, "w") as err:
+            proc = subprocess.Popen([sys.executable, str(script), str(out)],
+                                    stdout=subprocess.PIPE, stderr=err)
         first = proc.stdout.readline()  # one save done: the loop of saves is running
-        assert first, "the saving process died before its first save"
+        if not first:
+            proc.wait()
+            pytest.fail(f"the saving process died before its first save:\n{log.read_text()}")
         time.sleep(rng.uniform(0.0, 0.4))  # then kill it at a random moment of later saves
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -329,3 +333,35 @@ def test_kill_minus_nine_during_saves_never_leaves_a_torn_checkpoint(tmp_path):
         assert not [n for n in os.listdir(out) if n.startswith("ckpt_") and not os.path.exists(
             os.path.join(out, n, "index.json"))]  # no half checkpoint under a final name
     assert kills == 8
+
+
+def test_slot_writes_are_in_the_next_incremental_save(tmp_path):
+    a = make_table()
+    a(torch.arange(10))
+    Saver(path=str(tmp_path / "c0"), hashtables={"t": a}).save()
+    rows = a.ids_map()[1][:3]
+    a.set_slot_values("m", rows, torch.full((3, DIM), 7.0))
+    assert torch.equal(a.changes()[0], rows)
+    Saver(path=str(tmp_path / "c1"), hashtables={"t": a}).save(incremental=True, base="c0")
+    b = make_table()
+    Loader(str(tmp_path / "c1"), {"t": b}).load()
+    same_table(a, b)
+
+
+def test_a_save_interrupted_before_latest_moved_is_replaced(tmp_path):
+    table = make_table()
+    manager = CheckpointManager(table, output_dir=str(tmp_path))
+    table(torch.arange(3))
+    manager.save(1)
+    table(torch.arange(3, 6))
+    # simulate a crash between publishing ckpt 2 and moving 'latest' to it
+    Saver(path=str(tmp_path / "ckpt_000000002"), hashtables={"t": table}).save()
+    assert open(tmp_path / "latest").read() == "ckpt_000000001"
+    fresh = make_table()
+    restored = CheckpointManager(fresh, output_dir=str(tmp_path))
+    assert restored.restore() == 1 and len(fresh) == 3  # the uncommitted save is not taken
+    fresh(torch.arange(10, 12))
+    restored.save(2)  # replaces the orphan instead of failing
+    again = make_table()
+    assert CheckpointManager(again, output_dir=str(tmp_path)).restore() == 2
+    same_table(fresh, again)

@@ -160,7 +160,12 @@ class CheckpointManager:
         tables, tensors, meta = self._state(step, extra)
         json.dumps(meta)  # fail before writing anything if extra is not JSON-able
         if os.path.exists(path):
-            raise CheckpointError(f"{path} already exists")
+            if previous is not None and os.path.samefile(path, previous):
+                raise CheckpointError(f"{path} already exists and is the latest checkpoint")
+            # published by a save that was interrupted before it moved 'latest': never
+            # committed, so it is replaced
+            logger.warning("replacing %s, left by an interrupted save", path)
+            shutil.rmtree(path)
         Saver(path=path, hashtables=tables, tensors=tensors).save(
             incremental=incremental, base=os.path.basename(previous) if incremental else None,
             extra=meta)

@@ -13,6 +13,7 @@ import os
 import struct
 import zlib
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -75,18 +76,24 @@ def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor],
         header["__metadata__"] = dict(metadata)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    crc = 0
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        for chunk in (struct.pack("<Q", len(blob)), blob):
-            f.write(chunk)
+    chunks = [struct.pack("<Q", len(blob)), blob] + [_as_bytes(t) for t in tensors.values()]
+
+    def checksum() -> int:
+        crc = 0
+        for chunk in chunks:
             crc = zlib.crc32(chunk, crc)
-        for t in tensors.values():
-            data = _as_bytes(t)
-            f.write(data)
-            crc = zlib.crc32(data, crc)
-        f.flush()
-        os.fsync(f.fileno())
+        return crc
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    # zlib and file writes release the GIL: the checksum runs beside the writes
+    with ThreadPoolExecutor(1) as pool:
+        crc = pool.submit(checksum)
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        crc = crc.result()
     os.replace(tmp, path)
     return {"crc32": crc, "bytes": 8 + len(blob) + offset}
 
@@ -95,8 +102,8 @@ def read_safetensors(path: str, expected: Mapping | None = None) -> dict[str, to
     """Read a whole safetensors file, checking size and CRC-32 against ``expected``."""
     try:
         with open(path, "rb") as f:
-            data = bytearray(os.fstat(f.fileno()).st_size)
-            f.readinto(data)
+            data = np.empty(os.fstat(f.fileno()).st_size, np.uint8)  # not zero-filled
+            f.readinto(memoryview(data))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing") from None
     if expected is not None:
@@ -109,12 +116,12 @@ def read_safetensors(path: str, expected: Mapping | None = None) -> dict[str, to
         if crc != expected["crc32"]:
             raise CheckpointError(f"checkpoint file {path} is corrupted (CRC-32 mismatch)")
     try:
-        (size,) = struct.unpack("<Q", data[:8])
-        header = json.loads(bytes(data[8 : 8 + size]))
+        (size,) = struct.unpack("<Q", data[:8].tobytes())
+        header = json.loads(data[8 : 8 + size].tobytes())
     except (struct.error, ValueError) as e:
         raise CheckpointError(f"checkpoint file {path} is not a safetensors file: {e}") from None
     base = 8 + size
-    buffer = np.frombuffer(data, dtype=np.uint8)
+    buffer = data
     out = {}
     for key, info in header.items():
         if key == "__metadata__":

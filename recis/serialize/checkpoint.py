@@ -416,7 +416,8 @@ class Loader:
 
 
 def _cat(fields: Mapping[str, list[Tensor]], name: str) -> Tensor:
-    return torch.cat(fields[name])
+    parts = fields[name]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _restore_exact(table: HashTable, contents: list[dict]) -> None:

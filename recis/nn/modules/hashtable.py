@@ -611,7 +611,9 @@ class HashTable(nn.Module):
         return self._slots.gather(name, rows)
 
     def set_slot_values(self, name: str, rows: Tensor, values: Tensor) -> None:
+        """Write values of a slot at ``rows`` (rows < 0 are skipped)."""
         self._slots.scatter(name, rows, values)
+        self._mark_dirty(rows[rows >= 0])
 
     def slot_blocks(self, name: str) -> list[Tensor]:
         """The blocks of a slot, writable views ``[block_size, *row_shape]``."""
