@@ -174,17 +174,18 @@ class Saver:
             written = None
             if incremental:
                 written, del_ids, del_tags = table.changes()
+            snapshot = table.snapshot()
             for idx, child in enumerate(table.children_hashtable):
                 if incremental:
                     data[_key(child, "deleted_id", k, n)] = del_ids[del_tags == idx].cpu()
-                part = table.export_rows(idx, written)
+                part = table.export_rows(idx, written, snapshot)
                 rows_saved[child] = int(part["id"].numel())
                 for field, values in part.items():
                     data[_key(child, field, k, n)] = values.cpu()
             # what an exact restore needs besides the live rows: rows without an ID (their
             # values are what new IDs will get), the allocator state and the RNG state
             phys = "@" + table.name
-            for field, values in table.export_unused(written).items():
+            for field, values in table.export_unused(written, snapshot).items():
                 data[_key(phys + ".unused", field, k, n)] = values.cpu()
             for field, values in table.layout().items():
                 data[_key(phys + ".layout", field, k, n)] = values

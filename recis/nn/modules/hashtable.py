@@ -517,10 +517,11 @@ class HashTable(nn.Module):
         self._dirty.zero_()
         self._deleted_log.clear()
 
-    def export_rows(self, child: int = 0, rows: Tensor | None = None) -> dict[str, Tensor]:
+    def export_rows(self, child: int = 0, rows: Tensor | None = None,
+                    snapshot: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         """``{"id": ids, "row": rows, slot: values, ...}`` of one child's live rows (all, or
-        those among ``rows``), ordered by row."""
-        ids, tags, all_rows = self._id_map.items()
+        those among ``rows``), ordered by row. ``snapshot``: a :meth:`snapshot` to reuse."""
+        ids, tags, all_rows = snapshot if snapshot is not None else self._id_map.items()
         keep = tags == child
         if rows is not None:
             keep &= torch.isin(all_rows, rows)
@@ -530,12 +531,13 @@ class HashTable(nn.Module):
             out[name] = self._slots.gather(name, sel)
         return out
 
-    def export_unused(self, rows: Tensor | None = None) -> dict[str, Tensor]:
+    def export_unused(self, rows: Tensor | None = None,
+                      snapshot: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         """``{"row": rows, slot: values}`` of storage rows that hold no ID (free rows and the
         tail of the last block), all or those among ``rows``; with :meth:`layout` this is what
         an exact restore needs besides the live rows."""
         live = torch.zeros(self._slots.capacity, dtype=torch.bool, device=self._device)
-        live[self._id_map.items()[2]] = True
+        live[(snapshot if snapshot is not None else self._id_map.items())[2]] = True
         unused = (~live).nonzero().squeeze(1)
         if rows is not None:
             unused = unused[torch.isin(unused, rows)]
