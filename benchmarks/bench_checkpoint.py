@@ -1,0 +1,361 @@
+"""Checkpoint save/load throughput of a 1M-ID dim-64 table with Adam state vs plain safetensors.
+
+The table: ``HashTable([64])`` holding 1M distinct random int64 IDs (inserted in chunks of
+200k) with ``recis.optim.SparseAdam`` state, so every row has three float32 [64] slots
+(``embedding``, ``sparse_adam_exp_avg``, ``sparse_adam_exp_avg_sq``), all filled with random
+values. Candidates, interleaved inside every repeat (order rotated), medians reported:
+
+* ours, save: ``Saver(path=new_dir, hashtables={"t": ht}).save()`` (a checkpoint directory:
+  safetensors + index.json with CRC-32s, every file fsynced, atomic rename);
+* ours, load: ``Loader(ckpt, {"t": ht2}).load()`` into a fresh table with the same slots
+  (creating the table is untimed; the load verifies sizes and CRC-32s, then replaces the
+  contents);
+* baseline, save: the same tensors as they come out of the table (``ids_map()``, then
+  ``slot_values(name, rows)`` per slot; gathered once, untimed) written by
+  ``safetensors.torch.save_file`` into the same temp dir, timed without and with an
+  ``os.fsync`` of the file afterwards. Ours fsyncs, so the target compares against the
+  fsynced variant; the ratio vs the plain ``save_file`` is shown for information;
+* baseline, load: ``safetensors.torch.load_file``. Its default ``backend="mmap"`` returns
+  tensors backed by a lazy mmap and reads nothing (shown for information only); the target
+  compares against ``backend="pread"``, which reads every byte into memory, as ours does.
+  ``load_file`` (mmap) followed by ``.clone()`` of every tensor is shown for information.
+
+Loads read a checkpoint and a baseline file written once before the repeats; all of them come
+from the page cache (the VM has far more RAM than the files), so loads measure CPU work, not
+the disk. Saves delete their output after each call (a Saver never overwrites).
+
+MB/s = bytes of tensor data (IDs + the three slots: 1M x (8 + 3 x 256) bytes = 776 MB, 1 MB =
+10^6 bytes) / seconds; rows/s = 1M / seconds. Targets: ours/baseline throughput >= 0.8 for
+save and load.
+
+Incremental save: after a full save, one training step (lookup + backward + SparseAdam step)
+on 5% of the table's IDs (50k distinct, uniform), then ``Saver(...).save(incremental=True,
+base=<full dir name>)``; its size on disk (sum of its files) against the full checkpoint's
+(target <= 10%). The chain (full + delta) is loaded into a fresh table and checked equal to
+the original (IDs, rows and every slot). Finally, one untimed pass wraps the save/load
+functions to show where their time goes (exclusive time per function).
+
+    PYTHONPATH=. python benchmarks/bench_checkpoint.py [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import safetensors
+import torch
+from _common import (
+    DIM,
+    SEED,
+    Profiler,
+    interleaved,
+    median,
+    paired_ratio,
+    parse_args,
+    print_table,
+    source_fingerprint,
+    target_line,
+)
+from safetensors.torch import load_file, save_file
+
+from recis.nn import HashTable
+from recis.optim import SparseAdam
+from recis.serialize import Loader, Saver
+
+N_ROWS = 1_000_000
+FILL_CHUNK = 200_000
+TOUCH_FRAC = 0.05
+TARGET_SAVE = 0.8
+TARGET_LOAD = 0.8
+TARGET_DELTA = 0.10
+
+PROFILE_TARGETS = [
+    ("recis.serialize.checkpoint", None, "_read_sparse"),
+    ("recis.serialize.checkpoint", None, "_restore_exact"),
+    ("recis.serialize.checkpoint", None, "_restore_by_id"),
+    ("recis.serialize.checkpoint", "Saver", "_publish"),
+    ("recis.serialize._files", None, "write_safetensors"),
+    ("recis.serialize._files", None, "read_safetensors"),
+    ("recis.serialize._files", None, "atomic_write_bytes"),
+    ("zlib", None, "crc32"),
+    ("os", None, "fsync"),
+    ("recis.nn.modules.hashtable", "HashTable", "export_rows"),
+    ("recis.nn.modules.hashtable", "HashTable", "export_unused"),
+    ("recis.nn.modules.hashtable", "HashTable", "restore_exact"),
+    ("recis.nn.modules.hashtable", "HashTable", "clear"),
+    ("recis.nn.modules.hashtable", "HashTable", "_ensure_rows"),
+    ("recis.nn.modules.hashtable", "HashTable", "mark_saved"),
+    ("recis._core.id_map", "IdMap", "items"),
+    ("recis._core.id_map", "IdMap", "restore"),
+    ("recis._core.slots", "SlotStore", "gather"),
+    ("recis._core.slots", "SlotStore", "scatter"),
+]
+
+
+def distinct_ids(n: int, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(np.int64)
+    ids = np.unique(rng.integers(info.min, info.max, size=n + n // 100, dtype=np.int64))
+    assert ids.size >= n
+    return torch.from_numpy(rng.permutation(ids)[:n].copy())
+
+
+def make_table(ids: torch.Tensor, gen: torch.Generator) -> tuple[HashTable, SparseAdam]:
+    ht = HashTable([DIM], name="t")
+    opt = SparseAdam([ht], lr=1e-3)
+    for i in range(0, ids.numel(), FILL_CHUNK):
+        part = ids[i : i + FILL_CHUNK]
+        ht.insert(part, torch.randn(part.numel(), DIM, generator=gen))
+    _, rows = ht.ids_map()
+    for name in ht.slot_names:
+        if name == "embedding":
+            continue
+        for i in range(0, rows.numel(), FILL_CHUNK):
+            r = rows[i : i + FILL_CHUNK]
+            values = torch.randn(r.numel(), DIM, generator=gen)
+            ht.set_slot_values(name, r, values.abs_() if name.endswith("_sq") else values)
+    return ht, opt
+
+
+def table_tensors(ht: HashTable) -> dict[str, torch.Tensor]:
+    """The table as plain tensors, in row order: ``{"id": ..., slot: ...}``."""
+    ids, rows = ht.ids_map()
+    return {"id": ids, **{name: ht.slot_values(name, rows) for name in ht.slot_names}}
+
+
+def fresh_table() -> HashTable:
+    ht = HashTable([DIM], name="t")
+    SparseAdam([ht], lr=1e-3)  # creates the same slots
+    return ht
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def same_contents(a: HashTable, b: HashTable) -> bool:
+    ta, tb = table_tensors(a), table_tensors(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    torch.set_num_threads(2)
+    torch.manual_seed(SEED)
+    repeats, warmup = (2, 1) if args.quick else (5, 1)
+
+    print("== bench_checkpoint: Saver/Loader vs safetensors save_file/load_file, "
+          f"{N_ROWS:,} IDs x dim {DIM} + Adam state")
+    print(f"recis sources sha256 {source_fingerprint()} ({time.strftime('%Y-%m-%d %H:%M %Z')})")
+    print(f"torch {torch.__version__}, safetensors {safetensors.__version__}, threads "
+          f"{torch.get_num_threads()}, cpus {os.cpu_count()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, quick={args.quick}, "
+          f"repeats={repeats} (+{warmup} warm-up), medians of interleaved repeats")
+
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(SEED)
+    ht, opt = make_table(distinct_ids(N_ROWS, SEED), gen)
+    base_tensors = table_tensors(ht)
+    data_bytes = sum(t.numel() * t.element_size() for t in base_tensors.values())
+    print(f"table filled in {time.perf_counter() - t0:.1f} s: {len(ht):,} IDs, slots "
+          f"{ht.slot_names}; tensor data {data_bytes / 1e6:.1f} MB "
+          f"(ids {base_tensors['id'].numel() * 8 / 1e6:.0f} MB + 3 x "
+          f"{base_tensors['embedding'].numel() * 4 / 1e6:.0f} MB)")
+
+    tmp = tempfile.mkdtemp(prefix="recis_bench_ckpt_", dir="/tmp")
+    try:
+        run(args, ht, opt, base_tensors, data_bytes, tmp, repeats, warmup)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, ht: HashTable, opt: SparseAdam, base_tensors: dict[str, torch.Tensor],
+        data_bytes: int, tmp: str, repeats: int, warmup: int) -> None:
+    # load sources, written once (their save is not timed here)
+    src_ckpt = os.path.join(tmp, "src_ckpt")
+    Saver(path=src_ckpt, hashtables={"t": ht}).save()
+    src_file = os.path.join(tmp, "src.safetensors")
+    save_file(base_tensors, src_file)
+    fsync_file(src_file)
+    full_bytes = dir_bytes(src_ckpt)
+    print(f"temp dir {tmp} ({os.statvfs(tmp).f_bavail * os.statvfs(tmp).f_frsize / 2**30:.0f} "
+          f"GiB free); full checkpoint {full_bytes / 1e6:.1f} MB on disk, baseline file "
+          f"{os.path.getsize(src_file) / 1e6:.1f} MB")
+
+    extra: dict[str, list[float]] = {"save_file (no fsync)": []}
+    counter = [0]
+    checked = []
+
+    def ours_save() -> float:
+        counter[0] += 1
+        path = os.path.join(tmp, f"ckpt_{counter[0]:03d}")
+        t = time.perf_counter()
+        Saver(path=path, hashtables={"t": ht}).save()
+        elapsed = time.perf_counter() - t
+        shutil.rmtree(path)
+        return elapsed
+
+    def base_save() -> float:
+        path = os.path.join(tmp, "base.safetensors")
+        t = time.perf_counter()
+        save_file(base_tensors, path)
+        t_write = time.perf_counter() - t
+        fsync_file(path)
+        elapsed = time.perf_counter() - t
+        extra["save_file (no fsync)"].append(t_write)
+        os.remove(path)
+        return elapsed
+
+    def ours_load() -> float:
+        ht2 = fresh_table()
+        t = time.perf_counter()
+        Loader(src_ckpt, {"t": ht2}).load()
+        elapsed = time.perf_counter() - t
+        if not checked:
+            checked.append(torch.equal(ht2.ids(), ht.ids())
+                           and torch.equal(ht2.embeddings(), ht.embeddings())
+                           and same_contents(ht2, ht))
+        del ht2
+        return elapsed
+
+    def base_load_pread() -> float:
+        t = time.perf_counter()
+        out = load_file(src_file, backend="pread")
+        elapsed = time.perf_counter() - t
+        assert torch.equal(out["id"], base_tensors["id"])
+        return elapsed
+
+    def base_load_mmap() -> float:
+        t = time.perf_counter()
+        out = load_file(src_file)
+        elapsed = time.perf_counter() - t
+        del out
+        return elapsed
+
+    def base_load_mmap_clone() -> float:
+        t = time.perf_counter()
+        out = {k: v.clone() for k, v in load_file(src_file).items()}
+        elapsed = time.perf_counter() - t
+        del out
+        return elapsed
+
+    cands = {
+        "ours Saver.save (fsync)": ours_save,
+        "save_file + fsync": base_save,
+        "ours Loader.load (CRC check)": ours_load,
+        "load_file pread": base_load_pread,
+        "load_file mmap (lazy, reads nothing)": base_load_mmap,
+        "load_file mmap + clone": base_load_mmap_clone,
+    }
+    t0 = time.perf_counter()
+    samples = interleaved(cands, repeats, warmup)
+    samples["save_file (no fsync)"] = extra["save_file (no fsync)"][warmup:]
+    print(f"timed {warmup + repeats} interleaved repeats in {time.perf_counter() - t0:.0f} s; "
+          f"loaded contents equal to the table (ids, embeddings, both moments): "
+          f"{'yes' if checked and checked[0] else 'NO'}")
+    print()
+
+    order = ["ours Saver.save (fsync)", "save_file + fsync", "save_file (no fsync)",
+             "ours Loader.load (CRC check)", "load_file pread", "load_file mmap + clone",
+             "load_file mmap (lazy, reads nothing)"]
+    ref = {"save": "ours Saver.save (fsync)", "load": "ours Loader.load (CRC check)"}
+    rows = []
+    for name in order:
+        s = median(samples[name])
+        kind = "save" if "save" in name.lower() else "load"
+        ratio = "-"
+        if name != ref[kind]:
+            ratio = f"{paired_ratio(samples[name], samples[ref[kind]]):.2f}"
+        rows.append([name, f"{s:.3f}", f"{data_bytes / 1e6 / s:,.0f}", f"{N_ROWS / s / 1e6:.2f}M",
+                     ratio])
+    print_table(["candidate", "median s", "MB/s", "rows/s", "ours thrpt / this"], rows)
+    print("(ours thrpt / this = median over repeats of this candidate's time / ours in the same "
+          "repeat; >= 1 means ours is at least as fast)")
+    print()
+
+    save_ratio = paired_ratio(samples["save_file + fsync"], samples["ours Saver.save (fsync)"])
+    load_ratio = paired_ratio(samples["load_file pread"], samples["ours Loader.load (CRC check)"])
+    info_save = paired_ratio(samples["save_file (no fsync)"], samples["ours Saver.save (fsync)"])
+    info_load = paired_ratio(samples["load_file mmap + clone"],
+                             samples["ours Loader.load (CRC check)"])
+
+    # -- incremental save after a step that touched 5% of the rows ------------------------
+    full_dir = os.path.join(tmp, "inc_full")
+    Saver(path=full_dir, hashtables={"t": ht}).save()
+    ids = ht.ids()
+    pick = torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(SEED + 1))
+    touched = ids[pick[: int(ids.numel() * TOUCH_FRAC)]]
+    opt.zero_grad()
+    ht(touched).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    written = ht.changes()[0].numel()
+    delta_dir = os.path.join(tmp, "inc_delta")
+    t = time.perf_counter()
+    Saver(path=delta_dir, hashtables={"t": ht}).save(incremental=True,
+                                                     base=os.path.basename(full_dir))
+    t_delta = time.perf_counter() - t
+    inc_full, inc_delta = dir_bytes(full_dir), dir_bytes(delta_dir)
+    ht3 = fresh_table()
+    t = time.perf_counter()
+    Loader(delta_dir, {"t": ht3}).load()
+    t_chain = time.perf_counter() - t
+    chain_ok = same_contents(ht3, ht) and torch.equal(ht3.snapshot()[2], ht.snapshot()[2])
+    del ht3
+    print(f"-- incremental: one SparseAdam step on {touched.numel():,} IDs "
+          f"({TOUCH_FRAC:.0%}); rows written since the full save: {written:,}")
+    print_table(["checkpoint", "MB on disk", "share of full", "save s"], [
+        ["full", f"{inc_full / 1e6:.1f}", "100%", "-"],
+        ["incremental (delta)", f"{inc_delta / 1e6:.1f}", f"{inc_delta / inc_full:.1%}",
+         f"{t_delta:.3f}"],
+    ])
+    print(f"load of the chain (full + delta) into a fresh table: {t_chain:.3f} s; equal to the "
+          f"table (ids, rows, all slots): {'yes' if chain_ok else 'NO'}")
+    print()
+
+    # -- where the time goes (one untimed-for-ratios save and load) ------------------------
+    prof = Profiler()
+    with prof.installed(PROFILE_TARGETS):
+        prof.phase = "save"
+        path = os.path.join(tmp, "prof_ckpt")
+        t = time.perf_counter()
+        Saver(path=path, hashtables={"t": ht}).save()
+        prof.phase_wall["save"] = time.perf_counter() - t
+        shutil.rmtree(path)
+        ht2 = fresh_table()
+        prof.phase = "load"
+        t = time.perf_counter()
+        Loader(src_ckpt, {"t": ht2}).load()
+        prof.phase_wall["load"] = time.perf_counter() - t
+        del ht2
+    print("-- phase breakdown of one save and one load (exclusive time of wrapped functions)")
+    table = prof.table(1, ("save", "load"))
+    print_table(["phase / function", "calls", "ms", "share"], table)
+    print()
+
+    target_line("save throughput ours / save_file+fsync", save_ratio, ">=", TARGET_SAVE,
+                f"{TARGET_SAVE}x")
+    target_line("load throughput ours / load_file(pread)", load_ratio, ">=", TARGET_LOAD,
+                f"{TARGET_LOAD}x")
+    target_line(f"incremental save after a {TOUCH_FRAC:.0%} step / full save", inc_delta / inc_full,
+                "<=", TARGET_DELTA, f"{TARGET_DELTA}")
+    print(f"info: save ours / save_file without fsync {info_save:.2f}x; "
+          f"load ours / load_file mmap + clone {info_load:.2f}x; "
+          f"correctness: full load {'ok' if checked and checked[0] else 'MISMATCH'}, "
+          f"chain load {'ok' if chain_ok else 'MISMATCH'}")
+
+
+if __name__ == "__main__":
+    main()
