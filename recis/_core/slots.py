@@ -82,11 +82,15 @@ class SlotStore:
     def capacity(self) -> int:
         return self._num_blocks * self.block_size
 
-    def ensure_rows(self, num_rows: int) -> None:
-        """Append blocks until rows ``[0, num_rows)`` exist."""
+    def ensure_rows(self, num_rows: int, initialize: bool = True) -> None:
+        """Append blocks until rows ``[0, num_rows)`` exist. ``initialize=False`` leaves the
+        new blocks uninitialised, for callers that overwrite every row (checkpoint loads)."""
         while self.capacity < num_rows:
             for name, spec in self._specs.items():
-                self._blocks[name].append(self._default_rows(spec, self.block_size))
+                block = (self._default_rows(spec, self.block_size) if initialize else
+                         torch.empty(self.block_size, spec.width, dtype=spec.dtype,
+                                     device=self.device))
+                self._blocks[name].append(block)
             self._num_blocks += 1
 
     def clear(self) -> None:

@@ -436,7 +436,9 @@ def _restore_exact(table: HashTable, contents: list[dict]) -> None:
     for content in contents:
         layout = {f: _cat(content[phys + ".layout"], f) for f in content[phys + ".layout"]}
         cap = int(layout["capacity"][0])
-        table._ensure_rows(cap)
+        # every row of a block added here is in this checkpoint (a full one holds all rows, a
+        # delta the blocks allocated since its base), so skip the initializer's draws
+        table._ensure_rows(cap, initialize=False)
         if owned.numel() < cap:
             grow = cap - owned.numel()
             owned = torch.cat([owned, torch.zeros(grow, dtype=torch.bool, device=dev)])

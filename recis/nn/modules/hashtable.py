@@ -483,10 +483,11 @@ class HashTable(nn.Module):
         self.clear_grad()
 
     # -- change tracking and row export/import (checkpoints) --------------------------------
-    def _ensure_rows(self, num_rows: int | None = None) -> None:
+    def _ensure_rows(self, num_rows: int | None = None, initialize: bool = True) -> None:
         """Grow the slot store to hold the rows handed out; new blocks count as written."""
         before = self._slots.capacity
-        self._slots.ensure_rows(self._id_map.row_high_water if num_rows is None else num_rows)
+        self._slots.ensure_rows(self._id_map.row_high_water if num_rows is None else num_rows,
+                                initialize)
         if self._slots.capacity > before:
             self._mark_dirty(torch.arange(before, self._slots.capacity, device=self._device))
 
