@@ -365,3 +365,17 @@ def test_a_save_interrupted_before_latest_moved_is_replaced(tmp_path):
     again = make_table()
     assert CheckpointManager(again, output_dir=str(tmp_path)).restore() == 2
     same_table(fresh, again)
+
+
+def test_admission_counts_survive_a_checkpoint(tmp_path):
+    from recis.nn.hashtable_hook import AdmitHook
+
+    hook = AdmitHook("MinCount", {"min_count": 2, "width": 1024})
+    a = make_table()
+    a(torch.tensor([7]), admit_hook=hook)  # seen once: not admitted yet
+    assert len(a) == 0
+    Saver(path=str(tmp_path / "c"), hashtables={"t": a}).save()
+    b = make_table()
+    Loader(str(tmp_path / "c"), {"t": b}).load()
+    b(torch.tensor([7]), admit_hook=hook)  # the second sighting, after the restore
+    assert b.ids().tolist() == [7]

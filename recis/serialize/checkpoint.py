@@ -31,6 +31,7 @@ Reading a checkpoint without recis::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -170,6 +171,7 @@ class Saver:
         n, k = self.shard_num, self.shard_index
         data: dict[str, Tensor] = {}
         rows_saved: dict[str, int] = {}
+        admit_hooks: dict[str, dict[str, str]] = {}
         for table in self.tables.values():
             written = None
             if incremental:
@@ -192,6 +194,11 @@ class Saver:
             gen = getattr(table.initializer(), "generator", None)
             if gen is not None:
                 data[_key(phys + ".rng", "state", k, n)] = gen.get_state()
+            for hook_str, impl in table._admit_impls.items():  # admission policies' state
+                tag = hashlib.sha1(hook_str.encode()).hexdigest()[:12]
+                for field, value in impl.state_dict().items():
+                    data[_key(f"{phys}.admit_{tag}", field, k, n)] = value.cpu()
+                admit_hooks.setdefault(table.name, {})[tag] = hook_str
         if self.filter_func is not None:
             keep = set(self.filter_func(list(data)))
             data = {key: v for key, v in data.items() if key in keep}
@@ -207,6 +214,7 @@ class Saver:
             "files": files,
             "tables": {c: _table_info(t) for c, (t, _) in children.items()},
             "physical": {t.name: list(t.children_hashtable) for t in self.tables.values()},
+            "admit_hooks": admit_hooks,
             "rows": rows_saved,
             "dense": sorted(self.tensors) if k == 0 else [],
             "extra": dict(extra or {}) if k == 0 else {},
@@ -232,11 +240,13 @@ class Saver:
             "format": FORMAT, "version": FORMAT_VERSION,
             "kind": "delta" if incremental else "full", "base": base, "shard_num": n,
             "files": {}, "tables": {}, "physical": {}, "rows": {}, "dense": [], "extra": {},
+            "admit_hooks": {},
         }
         for part in parts:
             index["files"].update(part["files"])
             index["tables"].update(part["tables"])
             index["physical"].update(part["physical"])
+            index["admit_hooks"].update(part.get("admit_hooks", {}))
             for child, count in part["rows"].items():
                 index["rows"][child] = index["rows"].get(child, 0) + count
             index["dense"] += part["dense"]
@@ -401,6 +411,7 @@ class Loader:
             )
             if exact:
                 _restore_exact(table, contents)
+                _restore_admission(table, contents[-1], last.get("admit_hooks", {}))
             else:
                 _restore_by_id(table, contents, plan)
             table.mark_saved()
@@ -470,6 +481,18 @@ def _restore_exact(table: HashTable, contents: list[dict]) -> None:
     gen = getattr(table.initializer(), "generator", None)
     if gen is not None and rng is not None:
         gen.set_state(rng)
+
+
+def _restore_admission(table: HashTable, content: dict, admit_hooks: Mapping) -> None:
+    """Give the table's admission policies the state they had (e.g. MinCount's counts)."""
+    from recis.nn.hashtable_hook import AdmitHook
+
+    table._admit_impls.clear()
+    for tag, hook_str in admit_hooks.get(table.name, {}).items():
+        spec = json.loads(hook_str)
+        impl = table._admit_impl(AdmitHook(spec["name"], spec["params"]))
+        fields = content.get(f"@{table.name}.admit_{tag}", {})
+        impl.load_state_dict({f: _cat(fields, f).to(table.device) for f in fields})
 
 
 def _merge_by_id(contents: list[dict], child: str) -> dict[str, Tensor] | None:

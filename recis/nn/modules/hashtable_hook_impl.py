@@ -114,6 +114,14 @@ class BaseAdmitHookImpl:
         True = insert now."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors of the policy's state, saved with the table's checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got {sorted(state)}")
+
 
 @regist_admit("ReadOnly")
 class ReadOnlyHookImpl(BaseAdmitHookImpl):
@@ -176,6 +184,17 @@ class MinCountAdmitHookImpl(BaseAdmitHookImpl):
         if self._sketch is None:
             self._sketch = torch.zeros(self._shape, dtype=torch.int32, device=ids.device)
         return count_min_admit(self._sketch, ids, tags, counts, self.min_count)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {} if self._sketch is None else {"sketch": self._sketch}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        sketch = state.get("sketch")
+        if sketch is not None:
+            if tuple(sketch.shape) != self._shape:
+                raise ValueError(f"MinCount: saved sketch has shape {tuple(sketch.shape)}, "
+                                 f"this policy {self._shape}")
+            self._sketch = sketch.to(torch.int32).clone()
 
 
 # -- filters -----------------------------------------------------------------------------------
