@@ -52,16 +52,12 @@ def table_bag_reduce(
         out = torch.empty(num_bags, width, dtype=table.dtype, device=table.device)
         if weights is not None:
             weights = weights.to(table.dtype)
-        if lookup.records_grad:
-            fused = kernels.use_numba(table.device) and table._slots.bag_reduce(
-                EMBEDDING_SLOT, lookup.rows, inverse, offsets, weights, combiner == "mean", out
-            )
-            if fused:
+        mean = combiner == "mean"
+        if table._slots.bag_reduce(EMBEDDING_SLOT, lookup.rows, inverse, offsets, weights, mean,
+                                   out):
+            if lookup.records_grad:
                 out = _FusedBagLookup.apply(out, table._backward_holder, table, lookup, inverse,
-                                            offsets, weights, combiner == "mean")
-                return out.view(num_bags, *table.embedding_shape)
-        elif table._slots.bag_reduce(EMBEDDING_SLOT, lookup.rows, inverse, offsets, weights,
-                                     combiner == "mean", out):
+                                            offsets, weights, mean)
             return out.view(num_bags, *table.embedding_shape)
     return bag_reduce(table.gather(lookup), inverse, offsets, weights, combiner, tile_len)
 

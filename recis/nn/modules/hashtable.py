@@ -355,8 +355,14 @@ class HashTable(nn.Module):
             raise TypeError(f"admit_hook must be an AdmitHook, got {type(admit_hook).__name__}")
         policy = self._admit_impl(admit_hook) if admit_hook is not None else None
         training = self._writable
+        records_grad = training and torch.is_grad_enabled()
         with torch.no_grad():
             uniq, uniq_tags, inverse = kernels.unique_with_inverse(ids, tags)
+            counts = None  # occurrences per unique ID, when a policy or the gradient needs them
+            if (policy is not None and not policy.admits_nothing) or (
+                records_grad and self._grad_reduce_by == "id"
+            ):
+                counts = torch.bincount(inverse, minlength=uniq.numel())
             if not training or (policy is not None and policy.admits_nothing):
                 rows = self._id_map.lookup(uniq, uniq_tags)
             elif policy is None:
@@ -366,8 +372,7 @@ class HashTable(nn.Module):
                 missing = (rows < 0).nonzero().squeeze(1)
                 if missing.numel():
                     miss_tags = None if uniq_tags is None else uniq_tags[missing]
-                    counts = torch.bincount(inverse, minlength=uniq.numel())[missing]
-                    admitted = policy.admit(self, uniq[missing], miss_tags, counts)
+                    admitted = policy.admit(self, uniq[missing], miss_tags, counts[missing])
                     take = missing[admitted]
                     rows[take] = self._id_map.lookup_or_insert(
                         uniq[take], None if uniq_tags is None else uniq_tags[take],
@@ -379,10 +384,8 @@ class HashTable(nn.Module):
                 touched = rows if all_valid else rows[rows >= 0]
                 self._filter_hook_impl(touched)
                 self._mark_dirty(touched)
-        records_grad = training and torch.is_grad_enabled()
-        counts = None
-        if records_grad and self._grad_reduce_by == "id":
-            counts = torch.bincount(inverse, minlength=uniq.numel())
+        if self._grad_reduce_by != "id":
+            counts = None  # the gradient sums occurrences; only "id" divides by the counts
         return Lookup(rows, inverse, counts, all_valid, records_grad)
 
     def gather(self, lookup: Lookup) -> Tensor:
