@@ -379,3 +379,8 @@ def test_admission_counts_survive_a_checkpoint(tmp_path):
     Loader(str(tmp_path / "c"), {"t": b}).load()
     b(torch.tensor([7]), admit_hook=hook)  # the second sighting, after the restore
     assert b.ids().tolist() == [7]
+    compact(str(tmp_path / "c"), str(tmp_path / "full"))  # compaction keeps the counts
+    c = make_table()
+    Loader(str(tmp_path / "full"), {"t": c}).load()
+    c(torch.tensor([7]), admit_hook=hook)
+    assert c.ids().tolist() == [7]

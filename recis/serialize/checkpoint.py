@@ -432,55 +432,84 @@ def _cat(fields: Mapping[str, list[Tensor]], name: str) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+class _RowReplay:
+    """Replays the row records of one physical table along a checkpoint chain.
+
+    Each checkpoint of the chain holds the storage rows written since the previous one: live
+    rows per child (``id``, ``row``, slot values), rows without an ID (``unused``), the
+    allocator ``layout`` and the initializer's ``rng``. The replay tracks which ID owns each
+    row and hands every block of slot values to ``write(slot, rows, values)``.
+    """
+
+    def __init__(self, physical: str, children: list[str], device: torch.device):
+        self.phys, self.children, self.device = "@" + physical, children, device
+        self.owned = torch.zeros(0, dtype=torch.bool, device=device)
+        self.owner_id = torch.zeros(0, dtype=torch.int64, device=device)
+        self.owner_tag = torch.zeros(0, dtype=torch.int64, device=device)
+        self.layout: dict[str, Tensor] = {}
+        self.rng: Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return int(self.layout["capacity"][0])
+
+    def apply(self, content: dict, write: Callable[[str, Tensor, Tensor], None],
+              grow: Callable[[int], None]) -> None:
+        self.layout = {f: _cat(content[self.phys + ".layout"], f)
+                       for f in content[self.phys + ".layout"]}
+        grow(self.capacity)
+        extra = self.capacity - self.owned.numel()
+        if extra > 0:
+            self.owned = torch.cat([self.owned, self.owned.new_zeros(extra)])
+            self.owner_id = torch.cat([self.owner_id, self.owner_id.new_zeros(extra)])
+            self.owner_tag = torch.cat([self.owner_tag, self.owner_tag.new_zeros(extra)])
+        groups = [(content.get(self.phys + ".unused", {}), None)]
+        groups += [(content.get(c, {}), i) for i, c in enumerate(self.children)]
+        for fields, idx in groups:
+            if "row" not in fields:
+                continue
+            rows = _cat(fields, "row").to(self.device)
+            self.owned[rows] = idx is not None
+            if idx is not None:
+                self.owner_id[rows] = _cat(fields, "id").to(self.device)
+                self.owner_tag[rows] = idx
+            for name in fields:
+                if name not in ("row", "id", "deleted_id"):
+                    write(name, rows, _cat(fields, name).to(self.device))
+        if self.phys + ".rng" in content:
+            self.rng = _cat(content[self.phys + ".rng"], "state")
+
+    def live(self, child: int | None = None) -> Tensor:
+        """Rows owned by an ID (of one child, or any), ascending."""
+        mask = self.owned if child is None else self.owned & (self.owner_tag == child)
+        return mask.nonzero().squeeze(1)
+
+
 def _restore_exact(table: HashTable, contents: list[dict]) -> None:
     """Replay a chain row by row: same IDs on the same rows, same values in every storage row
     (also the rows without an ID, which new IDs will take), same allocator and RNG state; so
     training continues exactly as if it had not stopped."""
-    phys = "@" + table.name
     table.clear()
-    dev = table.device
-    owned = torch.zeros(0, dtype=torch.bool, device=dev)
-    owner_id = torch.zeros(0, dtype=torch.int64, device=dev)
-    owner_tag = torch.zeros(0, dtype=torch.int64, device=dev)
-    layout: dict[str, Tensor] = {}
-    rng = None
+    replay = _RowReplay(table.name, table.children_hashtable, table.device)
+    slots = set(table.slot_names)
+
+    def write(slot: str, rows: Tensor, values: Tensor) -> None:
+        if slot in slots:
+            table._slots.scatter(slot, rows, values)
+
+    # every row of a block added here is in this checkpoint (a full one holds all rows, a
+    # delta the blocks allocated since its base), so skip the initializer's draws
+    def grow(capacity: int) -> None:
+        table._ensure_rows(capacity, initialize=False)
+
     for content in contents:
-        layout = {f: _cat(content[phys + ".layout"], f) for f in content[phys + ".layout"]}
-        cap = int(layout["capacity"][0])
-        # every row of a block added here is in this checkpoint (a full one holds all rows, a
-        # delta the blocks allocated since its base), so skip the initializer's draws
-        table._ensure_rows(cap, initialize=False)
-        if owned.numel() < cap:
-            grow = cap - owned.numel()
-            owned = torch.cat([owned, torch.zeros(grow, dtype=torch.bool, device=dev)])
-            owner_id = torch.cat([owner_id, torch.zeros(grow, dtype=torch.int64, device=dev)])
-            owner_tag = torch.cat([owner_tag, torch.zeros(grow, dtype=torch.int64, device=dev)])
-        unused = content.get(phys + ".unused", {})
-        if "row" in unused:
-            rows = _cat(unused, "row").to(dev)
-            owned[rows] = False
-            for slot in table.slot_names:
-                if slot in unused:
-                    table._slots.scatter(slot, rows, _cat(unused, slot).to(dev))
-        for idx, child in enumerate(table.children_hashtable):
-            fields = content.get(child, {})
-            if "row" not in fields:
-                continue
-            rows = _cat(fields, "row").to(dev)
-            owned[rows] = True
-            owner_id[rows] = _cat(fields, "id").to(dev)
-            owner_tag[rows] = idx
-            for slot in table.slot_names:
-                if slot in fields:
-                    table._slots.scatter(slot, rows, _cat(fields, slot).to(dev))
-        if phys + ".rng" in content:
-            rng = _cat(content[phys + ".rng"], "state")
-    rows = owned.nonzero().squeeze(1)
-    table.restore_exact(owner_id[rows], owner_tag[rows], rows, int(layout["capacity"][0]),
-                        int(layout["next_row"][0]), layout["free"])
+        replay.apply(content, write, grow)
+    rows = replay.live()
+    table.restore_exact(replay.owner_id[rows], replay.owner_tag[rows], rows, replay.capacity,
+                        int(replay.layout["next_row"][0]), replay.layout["free"])
     gen = getattr(table.initializer(), "generator", None)
-    if gen is not None and rng is not None:
-        gen.set_state(rng)
+    if gen is not None and replay.rng is not None:
+        gen.set_state(replay.rng)
 
 
 def _restore_admission(table: HashTable, content: dict, admit_hooks: Mapping) -> None:
@@ -599,47 +628,43 @@ def compact(path: str, out: str) -> str:
     contents = [_read_sparse(p, ix) for p, ix in zip(paths, indexes, strict=True)]
     data: dict[str, Tensor] = {}
     for phys_name, kids in last["physical"].items():
-        phys = "@" + phys_name
         slots = last["tables"][kids[0]]["slots"]
-        layout = {f: _cat(contents[-1][phys + ".layout"], f)
-                  for f in contents[-1][phys + ".layout"]}
-        cap = int(layout["capacity"][0])
-        storage = {s: torch.zeros(cap, *info["shape"], dtype=dtype_from_name(info["dtype"]))
-                   for s, info in slots.items()}
-        owned = torch.zeros(cap, dtype=torch.bool)
-        owner_id = torch.zeros(cap, dtype=torch.int64)
-        owner_tag = torch.zeros(cap, dtype=torch.int64)
-        rng = None
+        replay = _RowReplay(phys_name, kids, torch.device("cpu"))
+        storage: dict[str, Tensor] = {}
+
+        def grow(capacity: int, storage=storage, slots=slots) -> None:
+            for s, info in slots.items():
+                have = storage.get(s)
+                extra = capacity - (0 if have is None else have.shape[0])
+                if extra > 0:
+                    new = torch.zeros(extra, *info["shape"], dtype=dtype_from_name(info["dtype"]))
+                    storage[s] = new if have is None else torch.cat([have, new])
+
+        def write(slot: str, rows: Tensor, values: Tensor, storage=storage) -> None:
+            if slot in storage:
+                storage[slot][rows] = values
+
         for content in contents:
-            groups = [(content.get(phys + ".unused", {}), None)]
-            groups += [(content.get(c, {}), i) for i, c in enumerate(kids)]
-            for fields, idx in groups:
-                if "row" not in fields:
-                    continue
-                rows = _cat(fields, "row")
-                owned[rows] = idx is not None
-                if idx is not None:
-                    owner_id[rows] = _cat(fields, "id")
-                    owner_tag[rows] = idx
-                for s in storage:
-                    if s in fields:
-                        storage[s][rows] = _cat(fields, s)
-            if phys + ".rng" in content:
-                rng = _cat(content[phys + ".rng"], "state")
+            replay.apply(content, write, grow)
+        phys = "@" + phys_name
         for idx, child in enumerate(kids):
-            rows = (owned & (owner_tag == idx)).nonzero().squeeze(1)
-            data[_key(child, "id", 0, 1)] = owner_id[rows]
+            rows = replay.live(idx)
+            data[_key(child, "id", 0, 1)] = replay.owner_id[rows]
             data[_key(child, "row", 0, 1)] = rows
             for s, values in storage.items():
                 data[_key(child, s, 0, 1)] = values[rows]
-        rows = (~owned).nonzero().squeeze(1)
+        rows = (~replay.owned).nonzero().squeeze(1)
         data[_key(phys + ".unused", "row", 0, 1)] = rows
         for s, values in storage.items():
             data[_key(phys + ".unused", s, 0, 1)] = values[rows]
-        for f, v in layout.items():
+        for f, v in replay.layout.items():
             data[_key(phys + ".layout", f, 0, 1)] = v
-        if rng is not None:
-            data[_key(phys + ".rng", "state", 0, 1)] = rng
+        if replay.rng is not None:
+            data[_key(phys + ".rng", "state", 0, 1)] = replay.rng
+        for name, fields in contents[-1].items():  # admission policies' state, as last saved
+            if name.startswith(phys + ".admit_"):
+                for f in fields:
+                    data[_key(name, f, 0, 1)] = _cat(fields, f)
     if os.path.exists(out):
         raise CheckpointError(f"{out} already exists")
     staging = _staging(out)
