@@ -218,3 +218,12 @@ def test_recis_filter_scenario_on_a_coalesced_table():
     dead = [r for r in range(14) if r not in set(table_a.ids_map()[1].tolist())]
     assert torch.equal(table_a.slot_values("embedding", torch.tensor(dead)),
                        torch.full((len(dead), 8), 3.0))
+
+
+def test_hook_params_are_checked_when_the_option_is_built():
+    with pytest.raises(TypeError, match="filter_stp"):
+        EmbeddingOption(filter_hook=FilterHook("GlobalStepFilter", {"filter_stp": 3}))
+    from recis.nn.hashtable_hook import AdmitHook
+
+    with pytest.raises(ValueError, match="MinCount: min_count must be a positive int"):
+        EmbeddingOption(admit_hook=AdmitHook("MinCount", {"min_count": 0}))

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from recis.nn.modules.hashtable import split_sparse_dense_state_dict
 from recis.serialize._files import CheckpointError, atomic_write_bytes
 from recis.serialize.checkpoint import Loader, Saver, chain, read_dense, read_index
+from recis.utils.checks import check_positive_int
 from recis.utils.logger import Logger
 
 logger = Logger(__name__)
@@ -97,8 +98,7 @@ class CheckpointManager:
                  output_dir: str = "output_dir", save_interval: int = 1000, max_keep: int = 5,
                  incremental_every: int = 0):
         for name, value in (("save_interval", save_interval), ("max_keep", max_keep)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(value, name)
         self.model = model
         self.sparse_optimizer = sparse_optimizer
         self.dense_optimizer = dense_optimizer

@@ -27,6 +27,7 @@ from recis.hooks.hook import Hook
 from recis.hooks.logger_hook import LoggerHook
 from recis.nn.modules.hashtable import HashTable
 from recis.ragged.tensor import RaggedTensor
+from recis.utils.checks import check_positive_int
 from recis.utils.logger import Logger
 
 logger = Logger(__name__)
@@ -60,15 +61,9 @@ class TrainingArguments:
 
     def __post_init__(self):
         for name in ("gradient_accumulation_steps", "log_steps", "train_epoch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(getattr(self, name), name)
         for name in ("train_steps", "eval_steps", "max_eval_batches", "save_steps"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value <= 0
-            ):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+            check_positive_int(getattr(self, name), name, allow_none=True)
 
 
 def batch_size_of(batch: Any) -> int:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from recis.hooks.hook import Hook
 from recis.nn.modules.hashtable_hook_impl import BaseFilterHookImpl, live_filters
+from recis.utils.checks import check_positive_int
 from recis.utils.logger import Logger
 
 logger = Logger(__name__)
@@ -77,11 +78,7 @@ class HashTableFilterHook(Hook):
         self.last_filter_step = state.get("last_filter_step")
 
     def reset_filter_interval(self, interval: int | None = 100) -> None:
-        if interval is not None and (
-            isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0
-        ):
-            raise ValueError(f"filter_interval must be a positive int or None, got {interval!r}")
-        self.filter_interval = interval
+        self.filter_interval = check_positive_int(interval, "filter_interval", allow_none=True)
 
     def filters(self) -> list[BaseFilterHookImpl]:
         """The filter policies this hook drives, in creation order."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from recis.hooks.hook import Hook
+from recis.utils.checks import check_positive_int
 from recis.utils.logger import Logger
 
 __all__ = ["LoggerHook"]
@@ -25,9 +26,7 @@ class LoggerHook(Hook):
     """
 
     def __init__(self, log_steps: int = 100, logger_name: str = "recis.train"):
-        if isinstance(log_steps, bool) or not isinstance(log_steps, int) or log_steps <= 0:
-            raise ValueError(f"log_steps must be a positive int, got {log_steps!r}")
-        self.log_steps = log_steps
+        self.log_steps = check_positive_int(log_steps, "log_steps")
         self._logger = Logger(logger_name)
         self.records: list[tuple[int, dict[str, Any]]] = []
 

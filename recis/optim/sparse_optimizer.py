@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from recis.nn.modules.hashtable import HashTable, filter_out_sparse_param
+from recis.utils.checks import check_positive_int
 
 __all__ = ["SparseOptimizer"]
 
@@ -88,9 +89,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     # -- steps -------------------------------------------------------------------------------
     def set_grad_accum_steps(self, steps: int) -> None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-            raise ValueError(f"grad accumulation steps must be a positive int, got {steps!r}")
-        self._grad_accum_steps = steps
+        self._grad_accum_steps = check_positive_int(steps, "grad accumulation steps")
 
     @property
     def grad_accum_steps(self) -> int:

@@ -16,6 +16,7 @@ from recis.nn.initializers import ConstantInitializer, Initializer
 from recis.nn.modules.hashtable import HashTable, Lookup, check_ids, gen_slice
 from recis.nn.modules.hashtable_hook_impl import HashtableHookFactory
 from recis.ragged.tensor import RaggedTensor
+from recis.utils.checks import check_positive_int
 
 __all__ = ["EmbeddingOption", "DynamicEmbedding", "Bags", "to_bags"]
 
@@ -48,14 +49,8 @@ class EmbeddingOption:
     fp16_enabled: bool = False  # int8 tables only: reduce in fp16 instead of fp32
 
     def __post_init__(self):
-        if isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or (
-            self.embedding_dim <= 0
-        ):
-            raise ValueError(f"embedding_dim must be a positive int, got {self.embedding_dim!r}")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or (
-            self.block_size <= 0
-        ):
-            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        check_positive_int(self.embedding_dim, "embedding_dim")
+        check_positive_int(self.block_size, "block_size")
         if not isinstance(self.dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, got {self.dtype!r}")
         self.device = torch.device(self.device)
@@ -85,24 +80,11 @@ class EmbeddingOption:
         if self.filter_hook is not None:
             if not isinstance(self.filter_hook, FilterHook):
                 raise TypeError(f"filter_hook must be a FilterHook, got {self.filter_hook!r}")
-            if self.filter_hook.name not in HashtableHookFactory.filter_policies():
-                raise ValueError(
-                    f"Unknown filter policy {self.filter_hook.name!r}; registered: "
-                    f"{HashtableHookFactory.filter_policies()}"
-                )
-            step = self.filter_hook.params.get("filter_step", 100)
-            if self.filter_hook.name == "GlobalStepFilter" and (
-                isinstance(step, bool) or not isinstance(step, int) or step <= 0
-            ):
-                raise ValueError(f"filter_step must be a positive int, got {step!r}")
+            HashtableHookFactory.check_hook(self.filter_hook)
         if self.admit_hook is not None:
             if not isinstance(self.admit_hook, AdmitHook):
                 raise TypeError(f"admit_hook must be an AdmitHook, got {self.admit_hook!r}")
-            if self.admit_hook.name not in HashtableHookFactory.admit_policies():
-                raise ValueError(
-                    f"Unknown admit policy {self.admit_hook.name!r}; registered: "
-                    f"{HashtableHookFactory.admit_policies()}"
-                )
+            HashtableHookFactory.check_hook(self.admit_hook)
         if self.fp16_enabled and self.dtype != torch.int8:
             raise ValueError(f"fp16_enabled needs dtype=torch.int8, got dtype={self.dtype}")
 

@@ -20,6 +20,7 @@ from recis._core.slots import SlotStore
 from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.nn.initializers import ConstantInitializer, Initializer
 from recis.nn.modules.hashtable_hook_impl import BaseAdmitHookImpl, HashtableHookFactory
+from recis.utils.checks import check_positive_int
 
 __all__ = [
     "HashTable",
@@ -188,8 +189,7 @@ class HashTable(nn.Module):
         shape = list(embedding_shape) if embedding_shape is not None else []
         if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
             raise ValueError(f"embedding_shape must be a list of positive ints, got {shape!r}")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        check_positive_int(block_size, "block_size")
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
         device = torch.device(device)
@@ -667,8 +667,7 @@ class HashTable(nn.Module):
 
         Values are per-row sums divided by ``acc_steps``; size ``[capacity, *embedding_shape]``.
         """
-        if isinstance(acc_steps, bool) or not isinstance(acc_steps, int) or acc_steps <= 0:
-            raise ValueError(f"acc_steps must be a positive int, got {acc_steps!r}")
+        check_positive_int(acc_steps, "acc_steps")
         rows, values = self.grad_rows(acc_steps)
         rows, order = torch.sort(rows)
         values = values[order]

@@ -18,6 +18,7 @@ Built in: admission ``"ReadOnly"`` and ``"MinCount"``; filter ``"GlobalStepFilte
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from recis.nn.hashtable_hook import AdmitHook, FilterHook
+from recis.utils.checks import check_positive_int
 from recis.utils.logger import Logger
 
 if TYPE_CHECKING:
@@ -172,8 +174,7 @@ class MinCountAdmitHookImpl(BaseAdmitHookImpl):
 
     def __init__(self, min_count: int = 2, width: int = 1 << 20, depth: int = 2):
         for name, value in (("min_count", min_count), ("width", width), ("depth", depth)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MinCount: {name} must be a positive int, got {value!r}")
+            check_positive_int(value, name, where="MinCount")
         if width & (width - 1):
             raise ValueError(f"MinCount: width must be a power of two, got {width}")
         self.min_count = min_count
@@ -222,6 +223,11 @@ class BaseFilterHookImpl(nn.Module):
     @property
     def name(self) -> str:
         return self._name
+
+    @classmethod
+    def check_params(cls, **params: Any) -> None:
+        """Validate a hook's params before any table exists (default: names only)."""
+        inspect.signature(cls.__init__).bind(None, None, **params)
 
     def slots(self) -> list[tuple[str, tuple[int, ...], torch.dtype, Any]]:
         return []
@@ -274,15 +280,16 @@ class GlobalStepFilterHookImpl(BaseFilterHookImpl):
     """
 
     def __init__(self, table: HashTable, filter_step: int = 100, name: str = "step_filter"):
-        if isinstance(filter_step, bool) or not isinstance(filter_step, int):
-            raise TypeError(f"filter_step must be an int, got {type(filter_step).__name__}")
-        if filter_step <= 0:
-            raise ValueError(f"filter_step must be > 0, got {filter_step}")
+        self.check_params(filter_step=filter_step, name=name)
         super().__init__(table, name)
         self.filter_step = filter_step
         self.register_buffer(
             "_global_step", torch.zeros(1, dtype=torch.int64, device=table.device)
         )
+
+    @classmethod
+    def check_params(cls, filter_step: int = 100, name: str = "step_filter") -> None:
+        check_positive_int(filter_step, "filter_step")
 
     @property
     def global_step(self) -> int:
@@ -327,6 +334,14 @@ class HashtableHookFactory:
     @staticmethod
     def filter_policies() -> list[str]:
         return sorted(_FILTER_POLICIES)
+
+    @staticmethod
+    def check_hook(hook: AdmitHook | FilterHook) -> None:
+        """Raise if a hook names no registered policy or has params its policy rejects."""
+        if isinstance(hook, FilterHook):
+            _policy(_FILTER_POLICIES, "filter", hook.name).check_params(**hook.params)
+        else:
+            _policy(_ADMIT_POLICIES, "admit", hook.name)(**hook.params)  # cheap to build
 
     @staticmethod
     def create_admit_hook(table: HashTable | None, hook: AdmitHook) -> BaseAdmitHookImpl:
