@@ -65,6 +65,7 @@ from safetensors.torch import load_file, save_file
 from recis.nn import HashTable
 from recis.optim import SparseAdam
 from recis.serialize import Loader, Saver
+from recis.serialize._files import fsync_path
 
 N_ROWS = 1_000_000
 FILL_CHUNK = 200_000
@@ -137,14 +138,6 @@ def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def same_contents(a: HashTable, b: HashTable) -> bool:
     ta, tb = table_tensors(a), table_tensors(b)
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -188,7 +181,7 @@ def run(args, ht: HashTable, opt: SparseAdam, base_tensors: dict[str, torch.Tens
     Saver(path=src_ckpt, hashtables={"t": ht}).save()
     src_file = os.path.join(tmp, "src.safetensors")
     save_file(base_tensors, src_file)
-    fsync_file(src_file)
+    fsync_path(src_file)
     full_bytes = dir_bytes(src_ckpt)
     print(f"temp dir {tmp} ({os.statvfs(tmp).f_bavail * os.statvfs(tmp).f_frsize / 2**30:.0f} "
           f"GiB free); full checkpoint {full_bytes / 1e6:.1f} MB on disk, baseline file "
@@ -212,7 +205,7 @@ def run(args, ht: HashTable, opt: SparseAdam, base_tensors: dict[str, torch.Tens
         t = time.perf_counter()
         save_file(base_tensors, path)
         t_write = time.perf_counter() - t
-        fsync_file(path)
+        fsync_path(path)
         elapsed = time.perf_counter() - t
         extra["save_file (no fsync)"].append(t_write)
         os.remove(path)

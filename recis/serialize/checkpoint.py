@@ -47,7 +47,7 @@ from recis.serialize._files import (
     atomic_write_json,
     dtype_from_name,
     dtype_name,
-    fsync_dir,
+    fsync_path,
     read_safetensors,
     write_safetensors,
 )
@@ -251,10 +251,15 @@ class Saver:
                 index["rows"][child] = index["rows"].get(child, 0) + count
             index["dense"] += part["dense"]
             index["extra"].update(part["extra"])
-        atomic_write_json(os.path.join(staging, INDEX), index)
-        fsync_dir(staging)
-        os.rename(staging, self.path)  # the moment the checkpoint becomes visible
-        fsync_dir(os.path.dirname(self.path))
+        _publish_dir(staging, self.path, index)
+
+
+def _publish_dir(staging: str, final: str, index: dict) -> None:
+    """Write the index last, then make the complete directory visible under its final name."""
+    atomic_write_json(os.path.join(staging, INDEX), index)
+    fsync_path(staging)
+    os.rename(staging, final)  # the moment the checkpoint becomes visible
+    fsync_path(os.path.dirname(os.path.abspath(final)))
 
 
 def read_index(path: str) -> dict:
@@ -678,8 +683,5 @@ def compact(path: str, out: str) -> str:
                       for kids in last["physical"].values() for c in kids}
     index = {**last, "kind": "full", "base": None, "shard_num": 1, "files": files,
              "rows": rows_per_child}
-    atomic_write_json(os.path.join(staging, INDEX), index)
-    fsync_dir(staging)
-    os.rename(staging, out)
-    fsync_dir(os.path.dirname(os.path.abspath(out)))
+    _publish_dir(staging, out, index)
     return out
