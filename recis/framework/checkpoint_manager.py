@@ -165,7 +165,7 @@ class CheckpointManager:
             # published by a save that was interrupted before it moved 'latest': never
             # committed, so it is replaced
             logger.warning("replacing %s, left by an interrupted save", path)
-            shutil.rmtree(path)
+            self._remove(name)
         Saver(path=path, hashtables=tables, tensors=tensors).save(
             incremental=incremental, base=os.path.basename(previous) if incremental else None,
             extra=meta)
@@ -186,12 +186,19 @@ class CheckpointManager:
         keep = set(names[-self.max_keep:])
         for name in list(keep):  # keep every checkpoint a kept one depends on
             keep.update(os.path.basename(p) for p in chain(os.path.join(self.output_dir, name)))
+        for name in os.listdir(self.output_dir):  # left by interrupted saves and removals
+            if name.startswith(f".{_PREFIX}") and name.endswith((".partial", ".removing")):
+                shutil.rmtree(os.path.join(self.output_dir, name), ignore_errors=True)
         for name in names:
             if name not in keep:
-                shutil.rmtree(os.path.join(self.output_dir, name), ignore_errors=True)
-        for name in os.listdir(self.output_dir):  # staging dirs of interrupted saves
-            if name.startswith(f".{_PREFIX}") and name.endswith(".partial"):
-                shutil.rmtree(os.path.join(self.output_dir, name), ignore_errors=True)
+                self._remove(name)
+
+    def _remove(self, name: str) -> None:
+        """Delete a checkpoint so that it is never seen half deleted under its name: rename it
+        away first (atomic), then delete the files."""
+        doomed = os.path.join(self.output_dir, f".{name}.removing")
+        os.rename(os.path.join(self.output_dir, name), doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     # -- restoring ---------------------------------------------------------------------------
     def restore(self, path: str | None = None, strict: bool = True) -> int | None:
