@@ -84,12 +84,11 @@ PROFILE_TARGETS = [
     ("recis.serialize._files", None, "atomic_write_bytes"),
     ("zlib", None, "crc32"),
     ("os", None, "fsync"),
-    ("recis.nn.modules.hashtable", "HashTable", "export_rows"),
-    ("recis.nn.modules.hashtable", "HashTable", "export_unused"),
-    ("recis.nn.modules.hashtable", "HashTable", "restore_exact"),
-    ("recis.nn.modules.hashtable", "HashTable", "clear"),
-    ("recis.nn.modules.hashtable", "HashTable", "_ensure_rows"),
-    ("recis.nn.modules.hashtable", "HashTable", "mark_saved"),
+    ("recis.serialize.checkpoint", None, "_export_live"),
+    ("recis.serialize.checkpoint", None, "_export_unused"),
+    ("recis._core.store", "TableStore", "clear"),
+    ("recis._core.store", "TableStore", "take_changes"),
+    ("recis._core.store", "TableStore", "mark_saved"),
     ("recis._core.id_map", "IdMap", "items"),
     ("recis._core.id_map", "IdMap", "restore"),
     ("recis._core.slots", "SlotStore", "gather"),
@@ -294,7 +293,7 @@ def run(args, ht: HashTable, opt: SparseAdam, base_tensors: dict[str, torch.Tens
     ht(touched).sum().backward()
     opt.step()
     opt.zero_grad()
-    written = ht.changes()[0].numel()
+    written = ht.store.changes().rows.numel()
     delta_dir = os.path.join(tmp, "inc_delta")
     t = time.perf_counter()
     Saver(path=delta_dir, hashtables={"t": ht}).save(incremental=True,

@@ -341,7 +341,7 @@ def test_slot_writes_are_in_the_next_incremental_save(tmp_path):
     Saver(path=str(tmp_path / "c0"), hashtables={"t": a}).save()
     rows = a.ids_map()[1][:3]
     a.set_slot_values("m", rows, torch.full((3, DIM), 7.0))
-    assert torch.equal(a.changes()[0], rows)
+    assert torch.equal(a.store.changes().rows, rows)
     Saver(path=str(tmp_path / "c1"), hashtables={"t": a}).save(incremental=True, base="c0")
     b = make_table()
     Loader(str(tmp_path / "c1"), {"t": b}).load()

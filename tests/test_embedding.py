@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from recis._core import kernels
+from recis._core import backends
+from recis._core.backends import numba_backend
 from recis.nn import DynamicEmbedding, EmbeddingEngine, EmbeddingOption
 from recis.nn.hashtable_hook import AdmitHook
 from recis.nn.initializers import NormalInitializer
@@ -51,7 +52,7 @@ def check_grads(table, rows, ref_weight_grad):
 
 @pytest.fixture(params=["numba", "torch"])
 def backend(request):
-    with kernels.backend(request.param):
+    with backends.use_backend(request.param):
         yield request.param
 
 
@@ -310,32 +311,39 @@ def _grad_fn_names(fn, seen=None):
             yield from _grad_fn_names(nxt, seen)
 
 
+@pytest.mark.parametrize("backend_name", ["numba", "torch"])
 @pytest.mark.parametrize("combiner", ["sum", "mean"])
-def test_cpu_sum_and_mean_take_the_fused_kernel(combiner):
-    # The parity tests above compare both paths with EmbeddingBag; this one makes sure the
-    # numba backend really runs the fused kernel rather than silently falling back.
-    e = DynamicEmbedding(EmbeddingOption(embedding_dim=DIM, shared_name="f", combiner=combiner))
-    names = set(_grad_fn_names(e(torch.tensor([[1, 2], [3, 3]])).grad_fn))
-    assert "_FusedBagLookupBackward" in names and "EmbeddingBagBackward0" not in names
-    with kernels.backend("torch"):
+def test_sum_and_mean_take_the_backends_fused_kernel(combiner, backend_name, monkeypatch):
+    # The parity tests above compare every path with EmbeddingBag; this one makes sure each
+    # backend really runs its fused kernel and backward rather than silently falling back.
+    with backends.use_backend(backend_name):
         e = DynamicEmbedding(EmbeddingOption(embedding_dim=DIM, shared_name="f",
                                              combiner=combiner))
-        names = set(_grad_fn_names(e(torch.tensor([[1, 2], [3, 3]])).grad_fn))
-        assert "_FusedBagLookupBackward" not in names and "EmbeddingBagBackward0" in names
+    backend = e.hashtable.store.backend
+    assert backend.name == backend_name
+    calls = []
+    for kernel in ("bag_reduce", "bag_reduce_backward"):
+        original = getattr(backend, kernel)
+        monkeypatch.setattr(backend, kernel, lambda *a, _k=kernel, _f=original, **kw: (
+            calls.append(_k), _f(*a, **kw))[1])
+    out = e(torch.tensor([[1, 2], [3, 3]]))
+    assert "_FusedBagLookupBackward" in set(_grad_fn_names(out.grad_fn))
+    out.sum().backward()
+    assert calls == ["bag_reduce", "bag_reduce_backward"]
 
 
 @pytest.mark.parametrize("combiner", ["sum", "mean"])
 def test_large_batches_split_across_threads_match_the_torch_twin(combiner):
-    # Above kernels._PARALLEL_MIN IDs the numba kernels run in several threads; the results
+    # Above numba_backend.PARALLEL_MIN IDs the numba kernels run in several threads; the results
     # must equal the single-threaded torch reference (forward, per-row gradients, rows).
-    assert 20 * 1024 >= kernels._PARALLEL_MIN
+    assert 20 * 1024 >= numba_backend.PARALLEL_MIN
     gen = torch.Generator().manual_seed(11)
     ids = torch.randint(-5000, 5000, (1024, 20), generator=gen) * 7919
     weights = torch.rand(1024, 20, generator=gen)
     upstream = torch.randn(1024, DIM, generator=gen)
     results = {}
     for backend in ["numba", "torch"]:
-        with kernels.backend(backend):
+        with backends.use_backend(backend):
             e = DynamicEmbedding(EmbeddingOption(embedding_dim=DIM, shared_name="big",
                                                  combiner=combiner, initializer=normal(3)))
             out = e(ids, input_weights=weights)

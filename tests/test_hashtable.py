@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from recis._core import kernels
+from recis._core import backends
 from recis.nn import HashTable
 from recis.nn.hashtable_hook import AdmitHook
 from recis.nn.initializers import ConstantInitializer, NormalInitializer
@@ -24,7 +24,7 @@ def _rows_equal_ids(ids):
 
 @pytest.fixture(params=["numba", "torch"])
 def backend(request):
-    with kernels.backend(request.param):
+    with backends.use_backend(request.param):
         yield request.param
 
 
@@ -243,13 +243,14 @@ def test_clear_then_reuse():
     assert ht.ids_map()[1].tolist() == [0]
 
 
-def test_memory_bytes_counts_map_and_blocks():
+def test_memory_bytes_counts_map_blocks_and_change_tracking():
     ht = HashTable([DIM], block_size=1000)
     assert ht.memory_bytes() == 1024 * 16  # an empty map of 1024 (key, value) slots
     ht(torch.arange(1500))
-    map_bytes = ht._id_map.capacity * 16
-    assert ht._id_map.capacity >= 1500 / 0.75
-    assert ht.memory_bytes() == map_bytes + 2 * 1000 * DIM * 4
+    map_slots = ht.store._map.capacity
+    assert map_slots >= 1500 / 0.75
+    # map + 2 blocks of rows + one "written since the last save" flag per row
+    assert ht.memory_bytes() == map_slots * 16 + 2 * 1000 * DIM * 4 + 2000
 
 
 def test_state_dict_exposes_the_table_and_round_trips():
@@ -313,9 +314,9 @@ def test_stats_count_admissions_and_removals():
     ht.delete(torch.tensor([1, 9]))
     ht.eval()
     ht(torch.tensor([50]))
-    assert ht.stats() == {"live": 3, "admitted": 4, "removed": 1}
+    assert ht.stats() == {"live": 3, "capacity": 10240, "admitted": 4, "removed": 1}
     ht.clear()
-    assert ht.stats() == {"live": 0, "admitted": 4, "removed": 4}
+    assert ht.stats() == {"live": 0, "capacity": 0, "admitted": 4, "removed": 4}
 
 
 def test_min_count_admission():

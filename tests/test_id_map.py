@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recis._core import kernels
+from recis._core import backends
 from recis._core.id_map import IdMap
 
 EDGE_IDS = [0, -1, -2, 1, 2**63 - 1, -(2**63), 2**52, 2**52 + 5, 5, -(2**52) - 5, 12345678901]
@@ -50,7 +50,7 @@ def _t(values):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_edge_ids_are_valid_keys(backend):
-    with kernels.backend(backend):
+    with backends.use_backend(backend):
         m = IdMap("cpu")
         rows = m.lookup_or_insert(_t(EDGE_IDS))
         assert rows.tolist() == list(range(len(EDGE_IDS)))
@@ -68,7 +68,7 @@ def test_edge_ids_are_valid_keys(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tags_separate_equal_ids(backend):
-    with kernels.backend(backend):
+    with backends.use_backend(backend):
         m = IdMap("cpu")
         ids = _t([5, 5, 2**52 + 5, 5])
         tags = _t([0, 1, 0, 2])
@@ -81,7 +81,7 @@ def test_tags_separate_equal_ids(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_growth_keeps_every_key(backend):
     gen = torch.Generator().manual_seed(0)
-    with kernels.backend(backend):
+    with backends.use_backend(backend):
         m = IdMap("cpu")
         seen = []
         for _ in range(8):
@@ -96,7 +96,7 @@ def test_growth_keeps_every_key(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_delete_churn_does_not_grow_without_bound(backend):
-    with kernels.backend(backend):
+    with backends.use_backend(backend):
         m = IdMap("cpu")
         for i in range(60):
             m.lookup_or_insert(torch.arange(i * 500, i * 500 + 500))
@@ -109,25 +109,26 @@ def test_delete_churn_does_not_grow_without_bound(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unique_with_inverse_first_occurrence_order(backend):
     ids = _t([7, 3, 7, -1, 3, 2**63 - 1, 7])
-    with kernels.backend(backend):
-        uniq, tags, inverse = kernels.unique_with_inverse(ids, None)
+    with backends.use_backend(backend):
+        uniq, tags, inverse = backends.backend_for("cpu").unique_with_inverse(ids, None)
         assert tags is None
         assert uniq.tolist() == [7, 3, -1, 2**63 - 1]
         assert torch.equal(uniq[inverse], ids)
-        uniq, tags, inverse = kernels.unique_with_inverse(_t([7, 7, 3, 7]), _t([0, 1, 0, 1]))
+        uniq, tags, inverse = backends.backend_for("cpu").unique_with_inverse(
+            _t([7, 7, 3, 7]), _t([0, 1, 0, 1]))
         assert uniq.tolist() == [7, 7, 3] and tags.tolist() == [0, 1, 0]
         assert inverse.tolist() == [0, 1, 2, 1]
 
 
 def test_empty_inputs():
     for backend in BACKENDS:
-        with kernels.backend(backend):
+        with backends.use_backend(backend):
             m = IdMap("cpu")
             empty = torch.zeros(0, dtype=torch.int64)
             assert m.lookup_or_insert(empty).numel() == 0
             assert m.lookup(empty).numel() == 0
             assert m.delete(empty).numel() == 0
-            uniq, _, inverse = kernels.unique_with_inverse(empty, None)
+            uniq, _, inverse = backends.backend_for("cpu").unique_with_inverse(empty, None)
             assert uniq.numel() == 0 and inverse.numel() == 0
 
 
@@ -153,7 +154,7 @@ _op = st.tuples(
 def test_backends_agree_with_dict_model(ops):
     maps = {}
     for backend in BACKENDS:
-        with kernels.backend(backend):
+        with backends.use_backend(backend):
             maps[backend] = IdMap("cpu")
     model = DictModel()
     for op, keys in ops:
@@ -171,7 +172,7 @@ def test_backends_agree_with_dict_model(ops):
         else:
             expected = model.delete(ids.tolist(), tags.tolist())
         for backend in BACKENDS:
-            with kernels.backend(backend):
+            with backends.use_backend(backend):
                 m = maps[backend]
                 fn = {"insert": m.lookup_or_insert, "lookup": m.lookup, "delete": m.delete}[op]
                 assert fn(ids, tags).tolist() == expected, (backend, op)

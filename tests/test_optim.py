@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from recis._core import kernels
+from recis._core import backends
 from recis.hooks.filter_hook import HashTableFilterHook
 from recis.nn import DynamicEmbedding, EmbeddingOption, HashTable
 from recis.nn.hashtable_hook import FilterHook
@@ -24,7 +24,7 @@ UNIVERSE = torch.tensor([3, -7, 2**60, 11, 5])
 
 @pytest.fixture(params=["numba", "torch"])
 def backend(request):
-    with kernels.backend(request.param):
+    with backends.use_backend(request.param):
         yield request.param
 
 

@@ -1,6 +1,6 @@
 """ID map: int64 key (optionally tagged with a child index) -> int64 row, with a row allocator.
 
-Open addressing with linear probing (layout in :mod:`recis._core.kernels._torch`). Every int64
+Open addressing with linear probing (layout in :mod:`recis._core.backends.base`). Every int64
 value is a valid ID: emptiness lives in the value array, not in reserved keys. The map grows by
 rehashing when live plus deleted slots pass :attr:`IdMap.MAX_LOAD` of its capacity.
 
@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import kernels
-from .kernels._torch import ROW_MASK, TAG_SHIFT
+from .backends import Backend, backend_for
+from .backends.base import MAX_TAGS, ROW_MASK, TAG_SHIFT
 
-MAX_TAGS = 1 << 15  # tags share the value word with the row (bits 48..62)
+__all__ = ["IdMap", "MAX_TAGS"]
 
 
 class IdMap:
@@ -34,12 +34,14 @@ class IdMap:
     MAX_LOAD = 0.75
     MIN_CAPACITY = 1024
 
-    def __init__(self, device: torch.device | str = "cpu", capacity: int = MIN_CAPACITY):
+    def __init__(self, device: torch.device | str = "cpu", capacity: int = MIN_CAPACITY,
+                 backend: Backend | None = None):
         self.device = torch.device(device)
+        self.backend = backend if backend is not None else backend_for(self.device)
         cap = self.MIN_CAPACITY
         while cap < capacity:
             cap *= 2
-        self._table = kernels.new_table(cap, self.device)  # [cap, 2]: (key, row | tag << 48)
+        self._table = self.backend.map_new(cap, self.device)  # [cap, 2]: (key, row | tag << 48)
         self._size = 0  # live keys
         self._used = 0  # live keys + tombstones
         # Freed rows, sorted descending in free[:n_free], so the smallest is popped first.
@@ -62,6 +64,10 @@ class IdMap:
         """Rows ``[0, row_high_water)`` have been handed out at least once."""
         return self._next_row
 
+    def free_rows(self) -> Tensor:
+        """The freed rows waiting for reuse, in reuse order reversed (a copy)."""
+        return self._free[: self._n_free].clone()
+
     def memory_bytes(self) -> int:
         return (self._table.numel() + self._free.numel()) * 8
 
@@ -74,14 +80,14 @@ class IdMap:
         cap = self.capacity
         while self._size + extra > self.MAX_LOAD * 0.75 * cap:
             cap *= 2
-        self._table = kernels.map_rebuild(self._table, cap)
+        self._table = self.backend.map_rebuild(self._table, cap)
         self._used = self._size
 
     def lookup(self, ids: Tensor, tags: Tensor | None = None) -> Tensor:
         """Row of each ID, -1 where absent. Never inserts."""
         if ids.numel() == 0:
             return torch.zeros(0, dtype=torch.int64, device=self.device)
-        return kernels.map_lookup(self._table, ids, tags)
+        return self.backend.map_lookup(self._table, ids, tags)
 
     def lookup_or_insert(
         self, ids: Tensor, tags: Tensor | None = None, *, assume_unique: bool = False
@@ -93,12 +99,12 @@ class IdMap:
         if ids.numel() == 0:
             return torch.zeros(0, dtype=torch.int64, device=self.device)
         if not assume_unique:
-            uniq, uniq_tags, inverse = kernels.unique_with_inverse(ids, tags)
+            uniq, uniq_tags, inverse = self.backend.unique_with_inverse(ids, tags)
             return self.lookup_or_insert(uniq, uniq_tags, assume_unique=True)[inverse]
         self._reserve(ids.numel())
         if self._n_free == 0 and self._free.numel():
             self._free = self._free[:0]
-        rows, n_new, self._n_free, self._next_row, reused = kernels.map_lookup_or_insert(
+        rows, n_new, self._n_free, self._next_row, reused = self.backend.map_lookup_or_insert(
             self._table, ids, tags, self._free, self._n_free, self._next_row
         )
         if self._next_row > ROW_MASK:
@@ -113,7 +119,7 @@ class IdMap:
         first rows handed to new IDs, smallest first."""
         if ids.numel() == 0:
             return torch.zeros(0, dtype=torch.int64, device=self.device)
-        rows = kernels.map_delete(self._table, ids, tags)
+        rows = self.backend.map_delete(self._table, ids, tags)
         freed = rows[rows >= 0]
         if freed.numel():
             self._size -= freed.numel()
@@ -137,30 +143,31 @@ class IdMap:
     def clear(self) -> None:
         """Forget every key and every row; the next key gets row 0 (statistics are kept)."""
         inserted, deleted = self.inserted_total, self.deleted_total + self._size
-        self.__init__(self.device)
+        self.__init__(self.device, backend=self.backend)
         self.inserted_total, self.deleted_total = inserted, deleted
 
     def restore(self, ids: Tensor, tags: Tensor, rows: Tensor, next_row: int,
                 free: Tensor) -> None:
         """Replace the contents with these ``(id, tag) -> row`` entries and allocator state."""
         stats = (self.inserted_total, self.deleted_total)
-        self.__init__(self.device, int(ids.numel() / (self.MAX_LOAD * 0.75)) + 1)
+        self.__init__(self.device, int(ids.numel() / (self.MAX_LOAD * 0.75)) + 1, self.backend)
         self.inserted_total, self.deleted_total = stats
-        staged = kernels.new_table(self.capacity, self.device)
+        staged = self.backend.map_new(self.capacity, self.device)
         staged[: ids.numel(), 0] = ids
         staged[: ids.numel(), 1] = rows | (tags << TAG_SHIFT)
-        self._table = kernels.map_rebuild(staged, self.capacity)
+        self._table = self.backend.map_rebuild(staged, self.capacity)
         self._size = self._used = ids.numel()
         self._next_row = int(next_row)
         self._free = torch.sort(free.to(torch.int64), descending=True).values
         self._n_free = self._free.numel()
 
-    def to(self, device: torch.device | str) -> IdMap:
+    def to(self, device: torch.device | str, backend: Backend | None = None) -> IdMap:
         """A copy of this map on ``device`` (slot positions rebuilt for that backend)."""
-        other = IdMap(device, self.capacity)
-        other._table = kernels.map_rebuild(self._table.to(device), self.capacity)
+        other = IdMap(device, self.capacity, backend)
+        other._table = other.backend.map_rebuild(self._table.to(device), self.capacity)
         other._size = other._used = self._size
         other._free = self._free[: self._n_free].to(device)
         other._n_free = self._n_free
         other._next_row = self._next_row
+        other.inserted_total, other.deleted_total = self.inserted_total, self.deleted_total
         return other

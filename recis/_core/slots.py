@@ -1,11 +1,12 @@
 """Slot store: named per-row slots (embedding, optimizer moments, policy metadata) in blocks.
 
-Every slot is a list of blocks ``[block_size, width]`` and all slots have the same number of
-blocks, so row ``r`` lives at ``blocks[r // block_size][r % block_size]`` in each of them.
-Growing appends blocks (never copies existing ones), so a large table does not need twice its
-memory to grow. A new block, and a row reset by :meth:`SlotStore.reset_rows`, hold the slot's
-default: the initializer's draw for the embedding, a constant for the others. A slot added to a
-store that already has blocks gets those blocks at once, filled with its default.
+Every slot is a :class:`~recis._core.backends.BlockList` of blocks ``[block_size, width]`` and
+all slots have the same number of blocks, so row ``r`` lives at
+``blocks[r // block_size][r % block_size]`` in each of them. Growing appends blocks (never
+copies existing ones), so a large table does not need twice its memory to grow. A new block,
+and a row reset by :meth:`SlotStore.reset_rows`, hold the slot's default: the initializer's
+draw for the embedding, a constant for the others. A slot declared when blocks exist gets
+those blocks at once, filled with its default.
 """
 
 from __future__ import annotations
@@ -17,17 +18,45 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .kernels import BlockList
+from .backends import Backend, BlockList, check_rows
 
 
-@dataclass
+@dataclass(frozen=True)
 class SlotSpec:
-    """What a slot holds: per-row shape, dtype and default (a number or an initializer)."""
+    """What a slot holds, per row.
+
+    Args:
+        name (str): the slot's name, unique in its table (also its checkpoint key).
+        row_shape (tuple[int, ...]): shape of one row, e.g. ``(64,)`` or ``(1,)``.
+        dtype (torch.dtype): storage dtype.
+        default: a number, or an initializer (an object with ``generate_rows``), giving the
+            values of new and reset rows. Default: 0.
+        saved (bool): written to checkpoints. Default: True.
+
+    Example::
+
+        >>> SlotSpec("last_seen", (1,), torch.int64, default=0)
+        SlotSpec(name='last_seen', row_shape=(1,), dtype=torch.int64, default=0, saved=True)
+    """
 
     name: str
     row_shape: tuple[int, ...]
     dtype: torch.dtype
-    default: Any  # float/int constant, or an object with ``generate_rows``
+    default: Any = 0
+    saved: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"slot name must be a non-empty str, got {self.name!r}")
+        shape = tuple(self.row_shape) if isinstance(self.row_shape, (list, tuple)) else None
+        if shape is None or not shape or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise ValueError(f"slot {self.name!r}: row_shape must be a non-empty list of "
+                             f"positive ints, got {self.row_shape!r}")
+        object.__setattr__(self, "row_shape", shape)
+        if not isinstance(self.dtype, torch.dtype):
+            raise TypeError(f"slot {self.name!r}: dtype must be a torch.dtype, got "
+                            f"{self.dtype!r}")
 
     @property
     def width(self) -> int:
@@ -37,23 +66,23 @@ class SlotSpec:
 class SlotStore:
     """Named slots over one shared row space, allocated in blocks of ``block_size`` rows."""
 
-    def __init__(self, block_size: int, device: torch.device):
+    def __init__(self, block_size: int, device: torch.device, backend: Backend):
         self.block_size = int(block_size)
         self.device = torch.device(device)
+        self.backend = backend
         self._specs: dict[str, SlotSpec] = {}
         self._blocks: dict[str, BlockList] = {}
         self._num_blocks = 0
 
     # -- slots -------------------------------------------------------------------------------
-    def add_slot(self, name: str, row_shape, dtype: torch.dtype, default: Any = 0) -> None:
-        """Add a slot; existing blocks get rows filled with ``default``."""
-        if name in self._specs:
-            raise ValueError(f"slot {name!r} already exists; slots: {list(self._specs)}")
-        spec = SlotSpec(name, tuple(int(d) for d in row_shape), dtype, default)
-        self._specs[name] = spec
-        self._blocks[name] = BlockList(dtype, self.device)
+    def add_slot(self, spec: SlotSpec) -> None:
+        """Declare a slot; existing blocks get rows filled with its default."""
+        if spec.name in self._specs:
+            raise ValueError(f"slot {spec.name!r} already exists; slots: {list(self._specs)}")
+        self._specs[spec.name] = spec
+        self._blocks[spec.name] = BlockList(self.block_size, spec.width, spec.dtype, self.device)
         for _ in range(self._num_blocks):
-            self._blocks[name].append(self._default_rows(spec, self.block_size))
+            self._blocks[spec.name].append(self._default_rows(spec, self.block_size))
 
     def has_slot(self, name: str) -> bool:
         return name in self._specs
@@ -67,6 +96,10 @@ class SlotStore:
     @property
     def slot_names(self) -> list[str]:
         return list(self._specs)
+
+    def block_list(self, name: str) -> BlockList:
+        self.spec(name)
+        return self._blocks[name]
 
     def blocks(self, name: str) -> list[Tensor]:
         """The blocks of a slot, each ``[block_size, *row_shape]`` (views, writable)."""
@@ -84,7 +117,7 @@ class SlotStore:
 
     def ensure_rows(self, num_rows: int, initialize: bool = True) -> None:
         """Append blocks until rows ``[0, num_rows)`` exist. ``initialize=False`` leaves the
-        new blocks uninitialised, for callers that overwrite every row (checkpoint loads)."""
+        new blocks' values unset: the caller must write every row of them."""
         while self.capacity < num_rows:
             for name, spec in self._specs.items():
                 block = (self._default_rows(spec, self.block_size) if initialize else
@@ -100,11 +133,22 @@ class SlotStore:
         self._num_blocks = 0
 
     def memory_bytes(self) -> int:
-        total = 0
-        for spec in self._specs.values():
-            itemsize = torch.empty(0, dtype=spec.dtype).element_size()
-            total += self._num_blocks * self.block_size * spec.width * itemsize
-        return total
+        return sum(self.capacity * b.width * b.itemsize for b in self._blocks.values())
+
+    def bytes_per_row(self) -> dict[str, int]:
+        return {name: b.width * b.itemsize for name, b in self._blocks.items()}
+
+    def moved(self, device: torch.device, backend: Backend, dtype_of) -> SlotStore:
+        """A copy on ``device`` with each slot's dtype given by ``dtype_of(spec)``."""
+        other = SlotStore(self.block_size, device, backend)
+        for name, spec in self._specs.items():
+            new = SlotSpec(spec.name, spec.row_shape, dtype_of(spec), spec.default, spec.saved)
+            other._specs[name] = new
+            other._blocks[name] = BlockList(self.block_size, new.width, new.dtype, device)
+            for block in self._blocks[name].tensors:
+                other._blocks[name].append(block.to(device=device, dtype=new.dtype).contiguous())
+        other._num_blocks = self._num_blocks
+        return other
 
     # -- rows --------------------------------------------------------------------------------
     def _default_rows(self, spec: SlotSpec, n: int) -> Tensor:
@@ -116,47 +160,35 @@ class SlotStore:
             return values.reshape(n, spec.width).contiguous()
         return torch.full((n, spec.width), default, dtype=spec.dtype, device=self.device)
 
-    def gather(self, name: str, rows: Tensor, out: Tensor | None = None) -> Tensor:
-        """Rows of a slot as ``[len(rows), *row_shape]``; zeros where ``rows < 0``."""
+    def gather(self, name: str, rows: Tensor) -> Tensor:
+        """Rows of a slot as ``[len(rows), *row_shape]``; zeros where ``rows == -1``."""
         spec = self.spec(name)
-        if out is None:
-            out = torch.empty(rows.numel(), spec.width, dtype=spec.dtype, device=self.device)
+        out = torch.empty(rows.numel(), spec.width, dtype=spec.dtype, device=self.device)
         if rows.numel():
-            self._blocks[name].gather(self.block_size, rows, out)
+            check_rows(rows, self.capacity)
+            self.backend.gather(self._blocks[name], rows, out)
         return out.view(rows.numel(), *spec.row_shape)
 
-    def bag_reduce(self, name: str, rows: Tensor, inverse: Tensor, offsets: Tensor,
-                   weights: Tensor | None, mean: bool, out: Tensor) -> bool:
-        """Fused gather + bag sum/mean of a slot into ``out`` (``[B, width]``); False when no
-        fused kernel serves this slot (the caller then gathers and reduces with torch)."""
-        return self._blocks[name].bag_reduce(self.block_size, rows, inverse, offsets, weights,
-                                             mean, out)
-
-    def uses_numba(self, name: str) -> bool:
-        """True when the slot's blocks are served by the numba kernels."""
-        return self._blocks[name].uses_numba and self._num_blocks > 0
-
-    def row_addresses(self, name: str, rows: Tensor):
-        """Data addresses of rows of a slot (numba path; see :meth:`uses_numba`)."""
-        spec = self.spec(name)
-        itemsize = torch.empty(0, dtype=spec.dtype).element_size()
-        return self._blocks[name].addresses(self.block_size, rows, spec.width * itemsize)
-
     def scatter(self, name: str, rows: Tensor, values: Tensor) -> None:
-        """Write ``values`` (``[len(rows), *row_shape]`` or one row) into rows; rows < 0 skipped."""
+        """Write ``values`` (``[len(rows), *row_shape]`` or one row) into rows; -1 skipped."""
         spec = self.spec(name)
         if rows.numel() == 0:
             return
+        check_rows(rows, self.capacity)
         flat = values.detach().reshape(-1, spec.width).to(spec.dtype).contiguous()
-        self._blocks[name].scatter(self.block_size, rows, flat)
+        if flat.shape[0] not in (1, rows.numel()):
+            raise ValueError(f"slot {name!r}: values must have one row per row index "
+                             f"({rows.numel()}) or a single row, got {flat.shape[0]}")
+        self.backend.scatter(self._blocks[name], rows, flat)
 
-    def reset_rows(self, rows: Tensor) -> None:
-        """Give rows the defaults of every slot, as a fresh row would have."""
+    def reset_rows(self, rows: Tensor, names: list[str] | None = None) -> None:
+        """Give rows the defaults of the slots (all, or ``names``), as a fresh row has."""
         if rows.numel() == 0:
             return
-        for name, spec in self._specs.items():
+        for name in self._specs if names is None else names:
+            spec = self._specs[name]
             n = 1 if not hasattr(spec.default, "generate_rows") else rows.numel()
-            self._blocks[name].scatter(self.block_size, rows, self._default_rows(spec, n))
+            self.backend.scatter(self._blocks[name], rows, self._default_rows(spec, n))
 
     def value(self, name: str, num_rows: int | None = None) -> Tensor:
         """The first ``num_rows`` rows of a slot (all blocks if None), concatenated (a copy)."""

@@ -3,11 +3,12 @@
 Each function takes a table, its unique touched ``rows`` and their gradient ``grad`` (one row per
 entry, already summed over occurrences and divided by the accumulation steps) and updates the
 embedding slot and the optimizer's slots of those rows, and nothing else ("lazy" updates: rows
-without a gradient keep their values and state).
+without a gradient keep their values and state). The rows must be unique: the updates are not
+linear.
 
-On CPU tables the update is one fused numba pass over the rows (reading and writing the slots
-in place, split across threads); elsewhere, and as the reference, a plain-torch twin gathers the
-rows, computes the same formula and writes them back. Both compute in the table's dtype.
+The update runs as the table's backend kernel (one fused pass over the rows on CPU, split
+across threads; gather, compute, scatter in plain torch elsewhere), under the table's write
+lock, and marks the rows written. Both compute in the table's dtype.
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ import math
 import torch
 from torch import Tensor
 
-from recis._core import kernels
+from recis._core.backends import check_rows
 from recis.nn.modules.hashtable import EMBEDDING_SLOT, HashTable
 
 __all__ = ["adam_rows", "adagrad_rows", "sgd_rows"]
 
 
-def _numba_ok(table: HashTable, *slots: str) -> bool:
-    store = table._slots
-    return all(store.uses_numba(s) for s in (EMBEDDING_SLOT, *slots))
-
-
-def _addresses(table: HashTable, rows: Tensor, *slots: str):
-    return [table._slots.row_addresses(s, rows) for s in slots]
+def _run(table: HashTable, kernel: str, slots: tuple[str | None, ...], rows: Tensor,
+         grad: Tensor, **scalars) -> None:
+    store = table.store
+    with store.lock.write():
+        check_rows(rows, store.capacity, "rows of the gradient")
+        if bool((rows < 0).any()):
+            raise IndexError("rows of the gradient must be >= 0")
+        blocks = [None if s is None else store.block_list(s) for s in (EMBEDDING_SLOT, *slots)]
+        getattr(store.backend, kernel)(*blocks, rows, grad, **scalars)
+        store.mark_written(rows)
 
 
 @torch.no_grad()
@@ -64,23 +68,8 @@ def adam_rows(
     if rows.numel() == 0:
         return
     alpha = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-    if _numba_ok(table, exp_avg, exp_avg_sq):
-        addresses = _addresses(table, rows, EMBEDDING_SLOT, exp_avg, exp_avg_sq)
-        kernels.update_rows("adam_update_range", addresses, grad.to(table.dtype), decay, beta1,
-                            1 - beta1, beta2, 1 - beta2, alpha, eps, l2)
-        return
-    slots = table._slots
-    e = slots.gather(EMBEDDING_SLOT, rows)
-    m = slots.gather(exp_avg, rows)
-    v = slots.gather(exp_avg_sq, rows)
-    g = grad.to(e.dtype) + l2 * e
-    e.mul_(decay)
-    m.mul_(beta1).add_(g, alpha=1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    e.sub_(alpha * m / (v.sqrt() + eps))
-    slots.scatter(EMBEDDING_SLOT, rows, e)
-    slots.scatter(exp_avg, rows, m)
-    slots.scatter(exp_avg_sq, rows, v)
+    _run(table, "adam_update", (exp_avg, exp_avg_sq), rows, grad, decay=decay, beta1=beta1,
+         beta2=beta2, alpha=alpha, eps=eps, l2=l2)
 
 
 @torch.no_grad()
@@ -106,19 +95,7 @@ def adagrad_rows(
     if rows.numel() == 0:
         return
     clr = lr / (1 + (step - 1) * lr_decay)
-    if _numba_ok(table, state_sum):
-        addresses = _addresses(table, rows, EMBEDDING_SLOT, state_sum)
-        kernels.update_rows("adagrad_update_range", addresses, grad.to(table.dtype), clr, eps,
-                            l2)
-        return
-    slots = table._slots
-    e = slots.gather(EMBEDDING_SLOT, rows)
-    s = slots.gather(state_sum, rows)
-    g = grad.to(e.dtype) + l2 * e
-    s.addcmul_(g, g)
-    e.sub_(clr * g / (s.sqrt() + eps))
-    slots.scatter(EMBEDDING_SLOT, rows, e)
-    slots.scatter(state_sum, rows, s)
+    _run(table, "adagrad_update", (state_sum,), rows, grad, clr=clr, eps=eps, l2=l2)
 
 
 @torch.no_grad()
@@ -144,21 +121,5 @@ def sgd_rows(
     """
     if rows.numel() == 0:
         return
-    slots_needed = (momentum_buffer,) if momentum else ()
-    if _numba_ok(table, *slots_needed):
-        addresses = _addresses(table, rows, EMBEDDING_SLOT, *slots_needed)
-        if not momentum:
-            addresses.append(addresses[0])  # unused buffer argument
-        kernels.update_rows("sgd_update_range", addresses, grad.to(table.dtype), lr, momentum,
-                            l2, nesterov)
-        return
-    slots = table._slots
-    e = slots.gather(EMBEDDING_SLOT, rows)
-    g = grad.to(e.dtype) + l2 * e
-    if momentum:
-        b = slots.gather(momentum_buffer, rows)
-        b.mul_(momentum).add_(g)
-        slots.scatter(momentum_buffer, rows, b)
-        g = g + momentum * b if nesterov else b
-    e.sub_(lr * g)
-    slots.scatter(EMBEDDING_SLOT, rows, e)
+    _run(table, "sgd_update", (momentum_buffer if momentum else None,), rows, grad, lr=lr,
+         momentum=momentum, l2=l2, nesterov=nesterov)

@@ -15,23 +15,14 @@ the tables' slots (reset when a filter removes the row). Dense parameters keep u
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+from recis._core.slots import SlotSpec
 from recis.nn.modules.hashtable import HashTable
 from recis.optim.functional import adagrad_rows, adam_rows, sgd_rows
-from recis.optim.sparse_optimizer import SparseOptimizer
+from recis.optim.sparse_optimizer import SparseOptimizer, check_hyper
 
 __all__ = ["SparseAdamW", "SparseAdam", "SparseAdamWTF", "SparseAdagrad", "SparseSGD"]
-
-
-def _check(name: str, value: float, low: float, high: float | None = None,
-           high_open: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if value < low or (high is not None and (value >= high if high_open else value > high)):
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
 
 
 class _SparseAdamBase(SparseOptimizer):
@@ -40,13 +31,15 @@ class _SparseAdamBase(SparseOptimizer):
     def __init__(self, param_dict: Any, lr: float = 1e-3, beta1: float = 0.9,
                  beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
                  **extra: Any):
-        _check("lr", lr, 0.0)
-        _check("beta1", beta1, 0.0, 1.0)
-        _check("beta2", beta2, 0.0, 1.0)
-        _check("eps", eps, 0.0)
-        _check("weight_decay", weight_decay, 0.0)
         super().__init__(param_dict, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                           weight_decay=weight_decay, **extra))
+
+    def validate(self, group):
+        check_hyper("lr", group["lr"], 0.0)
+        check_hyper("beta1", group["beta1"], 0.0, 1.0)
+        check_hyper("beta2", group["beta2"], 0.0, 1.0)
+        check_hyper("eps", group["eps"], 0.0, low_open=True)
+        check_hyper("weight_decay", group["weight_decay"], 0.0)
 
     @property
     def exp_avg_slot(self) -> str:
@@ -56,8 +49,9 @@ class _SparseAdamBase(SparseOptimizer):
     def exp_avg_sq_slot(self) -> str:
         return self._prefix + "exp_avg_sq"
 
-    def _slots(self, table: HashTable):
-        return [(self.exp_avg_slot, 0.0), (self.exp_avg_sq_slot, 0.0)]
+    def slot_specs(self, table: HashTable) -> list[SlotSpec]:
+        return [SlotSpec(name, table.embedding_shape, table.dtype, 0.0)
+                for name in (self.exp_avg_slot, self.exp_avg_sq_slot)]
 
     def _decay(self, group: dict) -> tuple[float, float]:
         """(multiplicative decay of the rows, L2 coefficient added to the gradient)."""
@@ -159,17 +153,20 @@ class SparseAdagrad(SparseOptimizer):
     def __init__(self, param_dict: Any, lr: float = 1e-2, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
                  eps: float = 1e-10):
-        _check("lr", lr, 0.0)
-        _check("lr_decay", lr_decay, 0.0)
-        _check("weight_decay", weight_decay, 0.0)
-        _check("initial_accumulator_value", initial_accumulator_value, 0.0)
-        _check("eps", eps, 0.0)
         super().__init__(param_dict, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                           initial_accumulator_value=initial_accumulator_value,
                                           eps=eps))
 
-    def _slots(self, table):
-        return [(self.slot, self.defaults["initial_accumulator_value"])]
+    def validate(self, group):
+        check_hyper("lr", group["lr"], 0.0)
+        check_hyper("lr_decay", group["lr_decay"], 0.0)
+        check_hyper("weight_decay", group["weight_decay"], 0.0)
+        check_hyper("initial_accumulator_value", group["initial_accumulator_value"], 0.0)
+        check_hyper("eps", group["eps"], 0.0, low_open=True)
+
+    def slot_specs(self, table):
+        return [SlotSpec(self.slot, table.embedding_shape, table.dtype,
+                         self.defaults["initial_accumulator_value"])]
 
     def _update(self, table, rows, grad, state, group):
         adagrad_rows(table, rows, grad, state_sum=self.slot, lr=group["lr"], eps=group["eps"],
@@ -192,16 +189,20 @@ class SparseSGD(SparseOptimizer):
 
     def __init__(self, param_dict: Any, lr: float = 1e-2, momentum: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False):
-        _check("lr", lr, 0.0)
-        _check("momentum", momentum, 0.0)
-        _check("weight_decay", weight_decay, 0.0)
-        if nesterov and momentum <= 0:
-            raise ValueError("nesterov=True needs momentum > 0")
         super().__init__(param_dict, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                           nesterov=nesterov))
 
-    def _slots(self, table):
-        return [(self.slot, 0.0)] if self.defaults["momentum"] > 0 else []
+    def validate(self, group):
+        check_hyper("lr", group["lr"], 0.0)
+        check_hyper("momentum", group["momentum"], 0.0)
+        check_hyper("weight_decay", group["weight_decay"], 0.0)
+        if group["nesterov"] and group["momentum"] <= 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+
+    def slot_specs(self, table):
+        if self.defaults["momentum"] <= 0:
+            return []
+        return [SlotSpec(self.slot, table.embedding_shape, table.dtype, 0.0)]
 
     def _update(self, table, rows, grad, state, group):
         momentum = group["momentum"] if table.has_slot(self.slot) else 0.0

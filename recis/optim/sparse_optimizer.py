@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from recis._core.slots import SlotSpec
 from recis.nn.modules.hashtable import HashTable, filter_out_sparse_param
 from recis.utils.checks import check_positive_int
 
-__all__ = ["SparseOptimizer"]
+__all__ = ["SparseOptimizer", "check_hyper"]
+
+
+def check_hyper(name: str, value: Any, low: float, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = True) -> None:
+    """Raise unless ``value`` is a real number in the given range; the message names it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    below = value <= low if low_open else value < low
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        left = "(" if low_open else "["
+        bound = (f"in {left}{low}, {high}{')' if high_open else ']'}" if high is not None
+                 else f"{'>' if low_open else '>='} {low}")
+        raise ValueError(f"{name} must be {bound}, got {value}")
 
 
 def _tables_of(params: Any) -> dict[str, HashTable]:
@@ -41,10 +57,14 @@ def _tables_of(params: Any) -> dict[str, HashTable]:
 class SparseOptimizer(torch.optim.Optimizer):
     """Base of the optimizers that update table rows touched by a backward pass.
 
-    Subclasses declare their per-row slots (:meth:`_slots`, added to every table, so the state
-    moves, filters and checkpoints with the rows) and implement :meth:`_update`. The base class
-    keeps one param group holding the hyperparameters (so LR schedulers work), the per-table
-    counters in ``self.state[table_name]``, gradient accumulation and ``state_dict``.
+    Subclasses declare their per-row slots (:meth:`slot_specs`, added to every table, so the
+    state moves, filters and checkpoints with the rows), check their hyperparameters
+    (:meth:`validate`, at construction and before every step, so a scheduler or a user editing
+    ``param_groups`` cannot make a step fail half-way) and implement :meth:`_update`. The base
+    class keeps one param group holding the hyperparameters (so LR schedulers work), the
+    per-table counters in ``self.state[table_name]``, gradient accumulation and
+    ``state_dict``. A step either updates every table or, if a hyperparameter is invalid,
+    changes nothing.
 
     Gradient accumulation: with ``set_grad_accum_steps(n)`` every ``n``-th :meth:`step` updates
     the rows with the gradient summed over the ``n`` backward passes and divided by ``n``;
@@ -53,6 +73,7 @@ class SparseOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Any, defaults: dict[str, Any]):
+        self.validate(defaults)
         tables = _tables_of(params)
         super().__init__([{"params": [], **defaults}], defaults)
         self._tables: dict[str, HashTable] = {}
@@ -61,9 +82,12 @@ class SparseOptimizer(torch.optim.Optimizer):
         self.add_params(tables)
 
     # -- tables ------------------------------------------------------------------------------
-    def _slots(self, table: HashTable) -> list[tuple[str, Any]]:
-        """``(slot name, default value)`` of the per-row state this optimizer keeps."""
+    def slot_specs(self, table: HashTable) -> list[SlotSpec]:
+        """The per-row state this optimizer keeps in ``table``."""
         return []
+
+    def validate(self, group: Mapping[str, Any]) -> None:
+        """Raise if a hyperparameter of ``group`` is invalid (see :func:`check_hyper`)."""
 
     def add_params(self, params: Any) -> None:
         """Add tables (a dict name -> HashTable, a list, or a model); their slots are created
@@ -71,15 +95,15 @@ class SparseOptimizer(torch.optim.Optimizer):
         for name, table in _tables_of(params).items():
             if name in self._tables or any(t is table for t in self._tables.values()):
                 raise ValueError(f"table {name!r} is already handled by this optimizer")
-            for slot, default in self._slots(table):
-                if table.has_slot(slot):
-                    spec = table._slots.spec(slot)
-                    if spec.row_shape != table.embedding_shape or spec.dtype != table.dtype:
-                        raise ValueError(
-                            f"table {name!r} already has a slot {slot!r} of another shape/dtype"
-                        )
+            for spec in self.slot_specs(table):
+                if table.has_slot(spec.name):
+                    have = table.store.slot_spec(spec.name)
+                    if (have.row_shape, have.dtype) != (spec.row_shape, spec.dtype):
+                        raise ValueError(f"table {name!r} already has a slot {spec.name!r} of "
+                                         f"shape {have.row_shape} {have.dtype}, this optimizer "
+                                         f"needs {spec.row_shape} {spec.dtype}")
                 else:
-                    table.add_slot(slot, table.embedding_shape, table.dtype, default)
+                    table.store.declare_slot(spec)
             self._tables[name] = table
             self.state[name] = {"step": 0}
 
@@ -115,14 +139,16 @@ class SparseOptimizer(torch.optim.Optimizer):
         if not self._at_boundary():
             return loss
         group = self.param_groups[0]
+        self.validate(group)  # before any table changes
+        pending = []
         for name, table in self._tables.items():
             rows, grad = table.grad_rows(self._grad_accum_steps)
-            if rows.numel() == 0:
-                continue
+            if rows.numel():
+                pending.append((name, table, rows, grad))
+        for name, table, rows, grad in pending:
             state = self.state[name]
             state["step"] += 1
             self._update(table, rows, grad, state, group)
-            table._mark_dirty(rows)
         return loss
 
     def _update(self, table: HashTable, rows, grad, state: dict, group: dict) -> None:
@@ -161,6 +187,8 @@ class SparseOptimizer(torch.optim.Optimizer):
                 f"loaded state is for tables {sorted(saved)}, this optimizer has "
                 f"{sorted(self._tables)}"
             )
+        merged = {**self.param_groups[0], **group}
+        self.validate(merged)
         for name in self._tables:
             self.state[name] = dict(states[name])
         self.param_groups[0].update(group)

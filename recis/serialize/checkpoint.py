@@ -109,15 +109,51 @@ def _children(tables: Mapping[str, HashTable]) -> dict[str, tuple[HashTable, int
 
 
 def _table_info(table: HashTable) -> dict:
+    specs = table.store.slot_specs()
     return {
         "physical": table.name,
         "embedding_shape": list(table.embedding_shape),
-        "slots": {
-            name: {"shape": list(table._slots.spec(name).row_shape),
-                   "dtype": dtype_name(table._slots.spec(name).dtype)}
-            for name in table.slot_names
-        },
+        "slots": {spec.name: {"shape": list(spec.row_shape), "dtype": dtype_name(spec.dtype)}
+                  for spec in specs if spec.saved},
     }
+
+
+def _policy_tag(key: str) -> str:
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _saved_slots(store) -> list[str]:
+    return [spec.name for spec in store.slot_specs() if spec.saved]
+
+
+def _export_live(store, child: int, rows: Tensor | None,
+                 snapshot: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
+    """``{"id": ids, "row": rows, slot: values, ...}`` of one child's live rows (all, or
+    those among ``rows``), ordered by row."""
+    ids, tags, all_rows = snapshot
+    keep = tags == child
+    if rows is not None:
+        keep &= torch.isin(all_rows, rows)
+    ids, sel = ids[keep], all_rows[keep]
+    out = {"id": ids, "row": sel}
+    for name in _saved_slots(store):
+        out[name] = store.read(name, sel)
+    return out
+
+
+def _export_unused(store, rows: Tensor | None,
+                   snapshot: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
+    """``{"row": rows, slot: values}`` of storage rows that hold no ID (free rows and the
+    tail of the last block), all or those among ``rows``."""
+    live = torch.zeros(store.capacity, dtype=torch.bool, device=store.device)
+    live[snapshot[2]] = True
+    unused = (~live).nonzero().squeeze(1)
+    if rows is not None:
+        unused = unused[torch.isin(unused, rows)]
+    out = {"row": unused}
+    for name in _saved_slots(store):
+        out[name] = store.read(name, unused)
+    return out
 
 
 class Saver:
@@ -171,34 +207,55 @@ class Saver:
         n, k = self.shard_num, self.shard_index
         data: dict[str, Tensor] = {}
         rows_saved: dict[str, int] = {}
-        admit_hooks: dict[str, dict[str, str]] = {}
+        policies: dict[str, dict[str, str]] = {}
+        replaced: list[str] = []
+        taken = []  # (store, changes) to give back if the save fails
         for table in self.tables.values():
-            written = None
-            if incremental:
-                written, del_ids, del_tags = table.changes()
-            snapshot = table.snapshot()
-            for idx, child in enumerate(table.children_hashtable):
-                if incremental:
-                    data[_key(child, "deleted_id", k, n)] = del_ids[del_tags == idx].cpu()
-                part = table.export_rows(idx, written, snapshot)
-                rows_saved[child] = int(part["id"].numel())
-                for field, values in part.items():
-                    data[_key(child, field, k, n)] = values.cpu()
-            # what an exact restore needs besides the live rows: rows without an ID (their
-            # values are what new IDs will get), the allocator state and the RNG state
-            phys = "@" + table.name
-            for field, values in table.export_unused(written, snapshot).items():
-                data[_key(phys + ".unused", field, k, n)] = values.cpu()
-            for field, values in table.layout().items():
-                data[_key(phys + ".layout", field, k, n)] = values
-            gen = getattr(table.initializer(), "generator", None)
-            if gen is not None:
-                data[_key(phys + ".rng", "state", k, n)] = gen.get_state()
-            for hook_str, impl in table._admit_impls.items():  # admission policies' state
-                tag = hashlib.sha1(hook_str.encode()).hexdigest()[:12]
-                for field, value in impl.state_dict().items():
-                    data[_key(f"{phys}.admit_{tag}", field, k, n)] = value.cpu()
-                admit_hooks.setdefault(table.name, {})[tag] = hook_str
+            store = table.store
+            with store.lock.write():  # one consistent state of the table, changes taken with it
+                changes = store.take_changes()
+                taken.append((store, changes))
+                written = changes.rows if incremental and changes.complete else None
+                if incremental and not changes.complete:
+                    replaced += table.children_hashtable  # the removal log overflowed
+                    logger.info("table %s: too many removals since the last save; its rows "
+                                "are saved in full", table.name)
+                snapshot = store.items()
+                for idx, child in enumerate(table.children_hashtable):
+                    if written is not None:
+                        removed = changes.removed_ids[changes.removed_tags == idx]
+                        data[_key(child, "deleted_id", k, n)] = removed.cpu()
+                    part = _export_live(store, idx, written, snapshot)
+                    rows_saved[child] = int(part["id"].numel())
+                    for field, values in part.items():
+                        data[_key(child, field, k, n)] = values.cpu()
+                # what an exact restore needs besides the live rows: rows without an ID (their
+                # values are what new IDs will get), the allocator state and the RNG state
+                phys = "@" + table.name
+                for field, values in _export_unused(store, written, snapshot).items():
+                    data[_key(phys + ".unused", field, k, n)] = values.cpu()
+                for field, values in store.layout().items():
+                    data[_key(phys + ".layout", field, k, n)] = values
+                gen = getattr(table.initializer(), "generator", None)
+                if gen is not None:
+                    data[_key(phys + ".rng", "state", k, n)] = gen.get_state()
+                for key, state in store.policy_states().items():  # admission/filter state
+                    tag = _policy_tag(key)
+                    for field, value in state.items():
+                        data[_key(f"{phys}.policy_{tag}", field, k, n)] = value.cpu()
+                    policies.setdefault(table.name, {})[tag] = key
+        try:
+            self._write(staging, data, children, rows_saved, policies, replaced, incremental,
+                        base, extra)
+        except BaseException:
+            for store, changes in taken:
+                store.give_back_changes(changes)
+            raise
+        return self.path
+
+    def _write(self, staging, data, children, rows_saved, policies, replaced, incremental, base,
+               extra) -> None:
+        n, k = self.shard_num, self.shard_index
         if self.filter_func is not None:
             keep = set(self.filter_func(list(data)))
             data = {key: v for key, v in data.items() if key in keep}
@@ -214,7 +271,8 @@ class Saver:
             "files": files,
             "tables": {c: _table_info(t) for c, (t, _) in children.items()},
             "physical": {t.name: list(t.children_hashtable) for t in self.tables.values()},
-            "admit_hooks": admit_hooks,
+            "policies": policies,
+            "replaced": replaced,
             "rows": rows_saved,
             "dense": sorted(self.tensors) if k == 0 else [],
             "extra": dict(extra or {}) if k == 0 else {},
@@ -226,9 +284,6 @@ class Saver:
                 self._publish(staging, incremental, base)
         elif all(os.path.exists(os.path.join(staging, _shard_index(s, n))) for s in range(n)):
             self._publish(staging, incremental, base)
-        for table in self.tables.values():
-            table.mark_saved()
-        return self.path
 
     def _publish(self, staging: str, incremental: bool, base: str | None) -> None:
         n = self.shard_num
@@ -240,13 +295,15 @@ class Saver:
             "format": FORMAT, "version": FORMAT_VERSION,
             "kind": "delta" if incremental else "full", "base": base, "shard_num": n,
             "files": {}, "tables": {}, "physical": {}, "rows": {}, "dense": [], "extra": {},
-            "admit_hooks": {},
+            "policies": {}, "replaced": [],
         }
         for part in parts:
             index["files"].update(part["files"])
             index["tables"].update(part["tables"])
             index["physical"].update(part["physical"])
-            index["admit_hooks"].update(part.get("admit_hooks", {}))
+            for table, tags in part["policies"].items():
+                index["policies"].setdefault(table, {}).update(tags)
+            index["replaced"] += [c for c in part["replaced"] if c not in index["replaced"]]
             for child, count in part["rows"].items():
                 index["rows"][child] = index["rows"].get(child, 0) + count
             index["dense"] += part["dense"]
@@ -353,7 +410,7 @@ class Loader:
         indexes = [read_index(p) for p in paths]
         last = indexes[-1]
         children = _children(self.tables)
-        plan = {c: list(t.slot_names) for c, (t, _) in children.items()}
+        plan = {c: _saved_slots(t.store) for c, (t, _) in children.items()}
         if self.filter_func is not None:
             plan = self.filter_func(plan)
         missing, unexpected = [], []
@@ -372,7 +429,7 @@ class Loader:
                 if slot not in saved["slots"]:
                     missing.append(f"{child}.{slot}")
                     continue
-                spec = table._slots.spec(slot)
+                spec = table.store.slot_spec(slot)
                 info = saved["slots"][slot]
                 if info["shape"] != list(spec.row_shape) or dtype_from_name(
                         info["dtype"]) != spec.dtype:
@@ -416,10 +473,10 @@ class Loader:
             )
             if exact:
                 _restore_exact(table, contents)
-                _restore_admission(table, contents[-1], last.get("admit_hooks", {}))
             else:
-                _restore_by_id(table, contents, plan)
-            table.mark_saved()
+                _restore_by_id(table, contents, indexes, plan)
+            _restore_policies(table, contents[-1], last.get("policies", {}), exact)
+            table.store.mark_saved()
         with torch.no_grad():
             for name, target in self.tensors.items():
                 if name in dense:
@@ -493,49 +550,66 @@ class _RowReplay:
 def _restore_exact(table: HashTable, contents: list[dict]) -> None:
     """Replay a chain row by row: same IDs on the same rows, same values in every storage row
     (also the rows without an ID, which new IDs will take), same allocator and RNG state; so
-    training continues exactly as if it had not stopped."""
-    table.clear()
+    training continues exactly as if it had not stopped. Slots or rows the checkpoint does not
+    hold (a slot added since, another block size) get their defaults."""
+    phys = "@" + table.name
+    layout = {f: _cat(contents[-1][phys + ".layout"], f) for f in ("capacity", "next_row")}
+    capacity = int(layout["capacity"][0])
     replay = _RowReplay(table.name, table.children_hashtable, table.device)
     slots = set(table.slot_names)
+    with table.store.restoring(capacity) as restore:
+        capacity = restore.capacity  # rounded up to this table's block size
 
-    def write(slot: str, rows: Tensor, values: Tensor) -> None:
-        if slot in slots:
-            table._slots.scatter(slot, rows, values)
+        def write(slot: str, rows: Tensor, values: Tensor) -> None:
+            if slot in slots:
+                keep = rows < capacity
+                restore.write(slot, rows[keep], values[keep])
 
-    # every row of a block added here is in this checkpoint (a full one holds all rows, a
-    # delta the blocks allocated since its base), so skip the initializer's draws
-    def grow(capacity: int) -> None:
-        table._ensure_rows(capacity, initialize=False)
-
-    for content in contents:
-        replay.apply(content, write, grow)
-    rows = replay.live()
-    table.restore_exact(replay.owner_id[rows], replay.owner_tag[rows], rows, replay.capacity,
-                        int(replay.layout["next_row"][0]), replay.layout["free"])
+        for content in contents:
+            replay.apply(content, write, lambda _: None)
+        rows = replay.live()
+        rows = rows[rows < capacity]
+        restore.set_keys(replay.owner_id[rows], replay.owner_tag[rows], rows,
+                         int(replay.layout["next_row"][0]), replay.layout["free"])
     gen = getattr(table.initializer(), "generator", None)
     if gen is not None and replay.rng is not None:
         gen.set_state(replay.rng)
 
 
-def _restore_admission(table: HashTable, content: dict, admit_hooks: Mapping) -> None:
-    """Give the table's admission policies the state they had (e.g. MinCount's counts)."""
+def _restore_policies(table: HashTable, content: dict, policies: Mapping, exact: bool) -> None:
+    """Give the table's admission and filter policies the state they had (a filter's clock,
+    MinCount's counts). Admission policies the checkpoint names are created; the states of
+    several saved shards are merged by each policy's ``merge_policy_states``."""
     from recis.nn.hashtable_hook import AdmitHook
 
-    table._admit_impls.clear()
-    for tag, hook_str in admit_hooks.get(table.name, {}).items():
-        spec = json.loads(hook_str)
-        impl = table._admit_impl(AdmitHook(spec["name"], spec["params"]))
-        fields = content.get(f"@{table.name}.admit_{tag}", {})
-        impl.load_state_dict({f: _cat(fields, f).to(table.device) for f in fields})
+    attached = table.store.policies()
+    states = {}
+    for tag, key in policies.get(table.name, {}).items():
+        kind, _, hook_json = key.partition(":")
+        policy = attached.get(key)
+        if policy is None and kind == "admit":
+            spec = json.loads(hook_json)
+            policy = table.admit_policy(AdmitHook(spec["name"], spec["params"]))
+        if policy is None:
+            continue  # a filter this table does not have
+        fields = content.get(f"@{table.name}.policy_{tag}", {})
+        parts = max((len(v) for v in fields.values()), default=0)
+        shard_states = [{f: v[i] for f, v in fields.items()} for i in range(parts)]
+        states[key] = (shard_states[0] if exact and parts == 1
+                       else type(policy).merge_policy_states(shard_states))
+    table.store.load_policy_states(states)
 
 
-def _merge_by_id(contents: list[dict], child: str) -> dict[str, Tensor] | None:
+def _merge_by_id(contents: list[dict], indexes: list[dict], child: str
+                 ) -> dict[str, Tensor] | None:
     """A child's live rows after a chain, by ID: ``{"id": ..., slot: ...}`` (None if absent)."""
     cur = None
-    for content in contents:
+    for content, index in zip(contents, indexes, strict=True):
         fields = content.get(child)
         if fields is None:
             continue
+        if child in index.get("replaced", []):
+            cur = None  # this checkpoint holds all of the child's rows
         if "deleted_id" in fields and cur is not None:
             keep = ~torch.isin(cur["id"], _cat(fields, "deleted_id"))
             cur = {f: v[keep] for f, v in cur.items()}
@@ -549,20 +623,28 @@ def _merge_by_id(contents: list[dict], child: str) -> dict[str, Tensor] | None:
     return cur
 
 
-def _restore_by_id(table: HashTable, contents: list[dict], plan: Mapping) -> None:
+def _restore_by_id(table: HashTable, contents: list[dict], indexes: list[dict],
+                   plan: Mapping) -> None:
     """Replace the table's rows with the checkpoint's IDs of this table's slice (resharding,
-    partial loads): values are exact; row positions and the RNG state are new."""
+    partial loads): values are exact; row positions and the RNG state are new; slots the
+    checkpoint does not hold get their defaults."""
+    store = table.store
     table.clear()
     for idx, child in enumerate(table.children_hashtable):
         if child not in plan:
             continue
-        state = _merge_by_id(contents, child)
+        state = _merge_by_id(contents, indexes, child)
         if state is None:
             continue
         ids = state["id"].to(table.device)
         keep = _in_slice(ids, table.slice)
-        values = {s: state[s].to(table.device)[keep] for s in plan[child] if s in state}
-        table.import_rows(idx, ids[keep], values)
+        ids = ids[keep]
+        if ids.numel() == 0:
+            continue
+        rows = store.lookup_or_insert(ids, None if idx == 0 else torch.full_like(ids, idx))
+        for slot in plan[child]:
+            if slot in state:
+                store.write(slot, rows, state[slot].to(table.device)[keep])
 
 
 def read_dense(path: str) -> dict[str, Tensor]:
@@ -666,8 +748,8 @@ def compact(path: str, out: str) -> str:
             data[_key(phys + ".layout", f, 0, 1)] = v
         if replay.rng is not None:
             data[_key(phys + ".rng", "state", 0, 1)] = replay.rng
-        for name, fields in contents[-1].items():  # admission policies' state, as last saved
-            if name.startswith(phys + ".admit_"):
+        for name, fields in contents[-1].items():  # policies' state, as last saved
+            if name.startswith(phys + ".policy_"):
                 for f in fields:
                     data[_key(name, f, 0, 1)] = _cat(fields, f)
     if os.path.exists(out):
@@ -682,6 +764,6 @@ def compact(path: str, out: str) -> str:
     rows_per_child = {c: int(data[_key(c, "id", 0, 1)].numel())
                       for kids in last["physical"].values() for c in kids}
     index = {**last, "kind": "full", "base": None, "shard_num": 1, "files": files,
-             "rows": rows_per_child}
+             "rows": rows_per_child, "replaced": []}
     _publish_dir(staging, out, index)
     return out

@@ -16,16 +16,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from recis._core import kernels
+from recis._core.backends import check_offsets
+from recis._core.backends.torch_backend import bag_sum_rows
 
 if TYPE_CHECKING:
     from recis.nn.modules.hashtable import HashTable, Lookup
 
 COMBINERS = ("sum", "mean", "tile")
 EMBEDDING_SLOT = "embedding"
+
+
+def check_bags(inverse: Tensor, offsets: Tensor, weights: Tensor | None) -> None:
+    """Raise unless ``offsets`` are valid bag boundaries over ``inverse`` and ``weights`` has
+    one value per ID (the kernels index memory with them)."""
+    check_offsets(offsets, inverse.numel())
+    if weights is not None and weights.numel() != inverse.numel():
+        raise ValueError(f"weights must have one value per ID ({inverse.numel()}), got "
+                         f"{weights.numel()}")
 
 
 def table_bag_reduce(
@@ -39,31 +48,35 @@ def table_bag_reduce(
 ) -> Tensor:
     """Combine the rows of a table lookup (:meth:`HashTable.resolve`) over bags.
 
-    Same result as ``bag_reduce(table.gather(lookup), inverse, offsets, ...)``, which is the
-    reference and the path on GPU; on CPU, sum and mean over a float table run as one fused
-    numba pass that reads rows straight from the blocks, with a fused backward that produces
-    one gradient row per unique ID. ``inverse`` defaults to ``lookup.inverse`` (the engine
-    passes one feature's slice of it).
+    Same result as ``bag_reduce(table.gather(lookup), inverse, offsets, ...)``, the reference.
+    Sum and mean over a float table run as the backend's fused kernel (rows read straight from
+    the blocks, no ``(N, D)`` intermediate) with a fused backward that produces one gradient
+    row per unique ID; weights that require a gradient take the reference path, which
+    differentiates them too. ``inverse`` defaults to ``lookup.inverse`` (the engine passes one
+    feature's slice of it). Call it under :meth:`HashTable.lookup_lock`, with the lookup.
     """
     inverse = lookup.inverse if inverse is None else inverse
-    if combiner in ("sum", "mean") and table.dtype.is_floating_point:
+    check_bags(inverse, offsets, weights)
+    weights_need_grad = weights is not None and weights.requires_grad and torch.is_grad_enabled()
+    if combiner in ("sum", "mean") and table.dtype.is_floating_point and not weights_need_grad:
+        store = table.store
         num_bags = offsets.numel() - 1
-        width = table._slots.spec(EMBEDDING_SLOT).width
-        out = torch.empty(num_bags, width, dtype=table.dtype, device=table.device)
+        out = torch.empty(num_bags, store.slot_spec(EMBEDDING_SLOT).width, dtype=table.dtype,
+                          device=table.device)
         if weights is not None:
-            weights = weights.to(table.dtype)
+            weights = weights.detach().to(table.dtype)
         mean = combiner == "mean"
-        if table._slots.bag_reduce(EMBEDDING_SLOT, lookup.rows, inverse, offsets, weights, mean,
-                                   out):
-            if lookup.records_grad:
-                out = _FusedBagLookup.apply(out, table._backward_holder, table, lookup, inverse,
-                                            offsets, weights, mean)
-            return out.view(num_bags, *table.embedding_shape)
+        store.backend.bag_reduce(store.block_list(EMBEDDING_SLOT), lookup.rows, inverse,
+                                 offsets, weights, mean, out)
+        if lookup.records_grad:
+            out = _FusedBagLookup.apply(out, table._backward_holder, table, lookup, inverse,
+                                        offsets, weights, mean)
+        return out.view(num_bags, *table.embedding_shape)
     return bag_reduce(table.gather(lookup), inverse, offsets, weights, combiner, tile_len)
 
 
 class _FusedBagLookup(torch.autograd.Function):
-    """Attaches the fused kernel's backward to an output computed by ``bag_reduce_rows``."""
+    """Attaches the fused kernel's backward to an output computed by ``Backend.bag_reduce``."""
 
     @staticmethod
     def forward(ctx, out, holder, table, lookup, inverse, offsets, weights, mean):
@@ -74,9 +87,10 @@ class _FusedBagLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         inverse, offsets, weights = ctx.saved_tensors
-        grad = kernels.bag_reduce_backward(inverse, offsets, weights, ctx.mean, grad_out,
-                                           ctx.lookup.rows.numel())
-        ctx.table._accept_lookup_grad(ctx.lookup, grad.view(-1, *ctx.table.embedding_shape))
+        table = ctx.table
+        grad = table.store.backend.bag_reduce_backward(inverse, offsets, weights, ctx.mean,
+                                                       grad_out, ctx.lookup.rows.numel())
+        table.accept_lookup_grad(ctx.lookup, grad.view(-1, *table.embedding_shape))
         return (None,) * 8
 
 
@@ -88,7 +102,8 @@ def bag_reduce(
     combiner: str = "sum",
     tile_len: int | None = None,
 ) -> Tensor:
-    """Reduce bags of looked-up rows.
+    """Reduce bags of looked-up rows (the reference combiner, differentiable in
+    ``unique_emb`` and ``weights``).
 
     Args:
         unique_emb (Tensor): ``(U, *row_shape)`` embeddings of the unique IDs.
@@ -101,6 +116,9 @@ def bag_reduce(
     Returns:
         ``(B, *row_shape)`` for sum and mean, ``(B, tile_len, *row_shape)`` for tile.
     """
+    check_bags(inverse, offsets, weights)
+    if inverse.numel() and (int(inverse.min()) < 0 or int(inverse.max()) >= unique_emb.shape[0]):
+        raise IndexError(f"inverse must index the {unique_emb.shape[0]} unique rows")
     row_shape = unique_emb.shape[1:]
     table = unique_emb.reshape(unique_emb.shape[0], -1)
     num_bags = offsets.numel() - 1
@@ -110,20 +128,7 @@ def bag_reduce(
         out = table.new_zeros(num_bags, tile_len, table.shape[1])
         out[valid] = table[inverse[positions[valid]]]
         return out.view(num_bags, tile_len, *row_shape)
-    if table.shape[0] == 0:  # no IDs at all: every bag is empty
-        return table.new_zeros(num_bags, *row_shape)
-    if weights is not None:
-        weights = weights.to(table.dtype)
-        if combiner == "mean":
-            lengths = offsets[1:] - offsets[:-1]
-            bag_of = torch.repeat_interleave(torch.arange(num_bags, device=offsets.device),
-                                             lengths)
-            totals = torch.zeros(num_bags, dtype=weights.dtype, device=weights.device)
-            totals.index_add_(0, bag_of, weights)
-            denom = totals[bag_of]
-            weights = torch.where(denom != 0, weights / denom, torch.zeros_like(weights))
-        out = F.embedding_bag(inverse, table, offsets, mode="sum", per_sample_weights=weights,
-                              include_last_offset=True)
-    else:
-        out = F.embedding_bag(inverse, table, offsets, mode=combiner, include_last_offset=True)
+    if combiner not in ("sum", "mean"):
+        raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
+    out = bag_sum_rows(table, inverse, offsets, weights, combiner == "mean")
     return out.view(num_bags, *row_shape)

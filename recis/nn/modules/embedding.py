@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from recis.nn.modules.hashtable_hook_impl import HashtableHookFactory
 from recis.ragged.tensor import RaggedTensor
 from recis.utils.checks import check_positive_int
 
-__all__ = ["EmbeddingOption", "DynamicEmbedding", "Bags", "to_bags"]
+__all__ = ["EmbeddingOption", "DynamicEmbedding", "Bags", "to_bags", "lookup_features"]
 
 
 @dataclass
@@ -174,6 +175,11 @@ def to_bags(ids: Any, input_weights: Tensor | None, device: torch.device) -> Bag
     if weights is not None:
         if not isinstance(weights, Tensor) or not weights.is_floating_point():
             raise TypeError("weights must be a floating-point Tensor")
+        expected = tuple(ids.shape) if isinstance(ids, Tensor) else (values.numel(),)
+        if tuple(weights.shape) != expected and not (
+                isinstance(ids, RaggedTensor) and weights.dim() == 1):
+            raise ValueError(f"weights must have one value per ID, in the shape of the ids "
+                             f"{list(expected)}, got {list(weights.shape)}")
         weights = weights.reshape(-1)
         if weights.numel() != values.numel():
             raise ValueError(
@@ -201,6 +207,33 @@ def reduce_bags(
         out = out.reshape(out.shape[0], -1)  # (B, tile_len * D)
     out = out.reshape(*bags.out_shape, *out.shape[1:])
     return out if opt.trainable else out.detach()
+
+
+def lookup_features(
+    table: HashTable, features: Sequence[tuple[EmbeddingOption, Bags, bool]],
+    children: Sequence[int] | None = None, admit_hook: AdmitHook | None = None,
+) -> list[Tensor]:
+    """The forward of :class:`DynamicEmbedding` and :class:`EmbeddingEngine`: one lookup of
+    every feature's IDs in ``table`` (feature ``f``'s IDs in child ``children[f]``), then each
+    feature's combiner. ``features``: ``(option, bags, ragged input)`` per feature."""
+    if len(features) == 1:
+        values = features[0][1].values
+    else:
+        values = torch.cat([bags.values for _, bags, _ in features])
+    tags = None
+    if children is not None and any(children):
+        tags = torch.cat([torch.full_like(bags.values, child)
+                          for (_, bags, _), child in zip(features, children, strict=True)])
+    outputs = []
+    with table.lookup_lock():
+        lookup = table.resolve(values, tags, admit_hook)
+        start = 0
+        for opt, bags, ragged in features:
+            n = bags.values.numel()
+            inverse = lookup.inverse[start:start + n] if len(features) > 1 else None
+            outputs.append(reduce_bags(opt, table, lookup, bags, ragged, inverse))
+            start += n
+    return outputs
 
 
 class DynamicEmbedding(nn.Module):
@@ -266,9 +299,8 @@ class DynamicEmbedding(nn.Module):
         self, ids: Tensor | RaggedTensor, input_weights: Tensor | None = None
     ) -> Tensor:
         bags = to_bags(ids, input_weights, self.hashtable.device)
-        lookup = self.hashtable.resolve(bags.values, None, self._emb_opt.admit_hook)
-        return reduce_bags(self._emb_opt, self.hashtable, lookup, bags,
-                           isinstance(ids, RaggedTensor))
+        feature = (self._emb_opt, bags, isinstance(ids, RaggedTensor))
+        return lookup_features(self.hashtable, [feature], None, self._emb_opt.admit_hook)[0]
 
     def extra_repr(self) -> str:
         o = self._emb_opt

@@ -7,10 +7,14 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
-from recis.nn.modules.embedding import DynamicEmbedding, EmbeddingOption, reduce_bags, to_bags
+from recis.nn.modules.embedding import (
+    DynamicEmbedding,
+    EmbeddingOption,
+    lookup_features,
+    to_bags,
+)
 from recis.ragged.tensor import RaggedTensor
 
 __all__ = ["EmbeddingEngine"]
@@ -103,28 +107,19 @@ class EmbeddingEngine(nn.Module):
                 outputs[fea] = value
         for (ht_name, _), feas in groups.items():
             table = self._ht[ht_name].hashtable
-            bags = {}
+            features = []
             for fea in feas:
                 try:
-                    bags[fea] = to_bags(input_features[fea], None, table.device)
+                    bags = to_bags(input_features[fea], None, table.device)
                 except (TypeError, ValueError) as e:
                     raise type(e)(f"feature {fea!r}: {e}") from None
-            values = torch.cat([bags[f].values for f in feas])
-            tags = None
-            if len(table.children_hashtable) > 1:
-                tags = torch.cat([
-                    torch.full_like(bags[f].values, self._fea_child[f]) for f in feas
-                ])
-            lookup = table.resolve(values, tags, self._options[feas[0]].admit_hook)
-            start = 0
-            for fea in feas:
-                n = bags[fea].values.numel()
-                outputs[fea] = reduce_bags(
-                    self._options[fea], table, lookup, bags[fea],
-                    isinstance(input_features[fea], RaggedTensor),
-                    lookup.inverse[start : start + n] if len(feas) > 1 else None,
-                )
-                start += n
+                ragged = isinstance(input_features[fea], RaggedTensor)
+                features.append((self._options[fea], bags, ragged))
+            children = [self._fea_child[f] for f in feas]
+            for fea, out in zip(feas, lookup_features(table, features, children,
+                                                      self._options[feas[0]].admit_hook),
+                                strict=True):
+                outputs[fea] = out
         return {fea: outputs[fea] for fea in input_features}
 
     def extra_repr(self) -> str:

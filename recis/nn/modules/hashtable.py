@@ -1,9 +1,9 @@
 """HashTable: a growing embedding table keyed by raw int64 IDs.
 
-The table is an :class:`~recis._core.id_map.IdMap` (ID -> row) over a
-:class:`~recis._core.slots.SlotStore` (row -> named slots: ``"embedding"``, optimizer state,
-policy metadata). Lookups are differentiable: the gradient of a lookup is summed per row and
-kept in the table (:meth:`HashTable.grad`) for the sparse optimizers.
+The module holds a :class:`~recis._core.store.TableStore` (ID map + named per-row slots:
+``"embedding"``, optimizer state, policy metadata) and makes lookups differentiable: the
+gradient of a lookup is summed per row and kept in the table (:meth:`HashTable.grad`) for
+the sparse optimizers.
 """
 
 from __future__ import annotations
@@ -14,13 +14,18 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from recis._core import kernels
-from recis._core.id_map import MAX_TAGS, IdMap
-from recis._core.slots import SlotStore
+from recis._core.backends import MAX_TAGS
+from recis._core.slots import SlotSpec
+from recis._core.store import EMBEDDING as EMBEDDING_SLOT
+from recis._core.store import TableStore
 from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.nn.initializers import ConstantInitializer, Initializer
-from recis.nn.modules.hashtable_hook_impl import BaseAdmitHookImpl, HashtableHookFactory
-from recis.utils.checks import check_positive_int
+from recis.nn.modules.hashtable_hook_impl import (
+    BaseAdmitHookImpl,
+    HashtableHookFactory,
+    policy_key,
+)
+from recis.utils.checks import check_device, check_positive_int
 
 __all__ = [
     "HashTable",
@@ -31,7 +36,6 @@ __all__ = [
     "split_sparse_dense_state_dict",
 ]
 
-EMBEDDING_SLOT = "embedding"
 _GRAD_REDUCE = ("worker", "id")
 
 
@@ -123,11 +127,11 @@ class _TableLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, holder: Tensor, table: HashTable, lookup: Lookup):
         ctx.table, ctx.lookup = table, lookup
-        return table._slots.gather(EMBEDDING_SLOT, lookup.rows)
+        return table.store.read(EMBEDDING_SLOT, lookup.rows)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        ctx.table._accept_lookup_grad(ctx.lookup, grad)
+        ctx.table.accept_lookup_grad(ctx.lookup, grad)
         return None, None, None
 
 
@@ -137,6 +141,12 @@ class HashTable(nn.Module):
     In training mode a lookup inserts unknown IDs (their rows start from the ``initializer``);
     in eval mode, for integer dtypes, or with ``AdmitHook("ReadOnly")`` it never inserts and
     unknown IDs read as zero rows that receive no gradient and no policy update.
+
+    The module is a thin layer (autograd, RecIS's signature) over a
+    :class:`~recis._core.store.TableStore`, :attr:`store`, which holds the rows and is what
+    policies, optimizers and checkpoints use. A table is safe to use from several threads at
+    once: lookups that insert, removals and row updates are serialised, read-only lookups and
+    saves run concurrently (see :mod:`recis._core.store`).
 
     Args:
         embedding_shape (list[int]): shape of one row, e.g. ``[64]``.
@@ -157,6 +167,10 @@ class HashTable(nn.Module):
     Shape:
         - Input: IDs of any shape ``(*)``, int64 (other integer dtypes are converted).
         - Output: ``(N, *embedding_shape)`` with ``N = ids.numel()``.
+
+    ``.to(device)``, ``.cuda()``, ``.cpu()`` and ``.to(dtype)`` (floating dtypes) move or cast
+    the rows with every slot; other targets (``meta``) raise. ``load_state_dict`` with a state
+    dict holding another table under this table's name copies that table's rows.
 
     Example::
 
@@ -184,22 +198,26 @@ class HashTable(nn.Module):
         filter_hook: FilterHook | None = None,
     ):
         super().__init__()
-        if isinstance(embedding_shape, int):
+        if isinstance(embedding_shape, int) and not isinstance(embedding_shape, bool):
             embedding_shape = [embedding_shape]
-        shape = list(embedding_shape) if embedding_shape is not None else []
-        if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
-            raise ValueError(f"embedding_shape must be a list of positive ints, got {shape!r}")
+        shape = list(embedding_shape) if isinstance(embedding_shape, (list, tuple)) else None
+        if not shape or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise ValueError(
+                f"embedding_shape must be a list of positive ints, got {embedding_shape!r}")
         check_positive_int(block_size, "block_size")
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
-        device = torch.device(device)
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device must be cpu or cuda, got {device}")
+        device = check_device(device)
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, got {name!r}")
         if grad_reduce_by not in _GRAD_REDUCE:
             raise ValueError(
                 f"grad_reduce_by must be one of {_GRAD_REDUCE}, got {grad_reduce_by!r}"
             )
         children = list(children) if children else [name]
+        if not all(isinstance(c, str) and c for c in children):
+            raise TypeError(f"children must be non-empty strs, got {children!r}")
         if len(set(children)) != len(children):
             raise ValueError(f"children must be distinct, got {children}")
         if len(children) > 1 and not coalesced:
@@ -212,11 +230,11 @@ class HashTable(nn.Module):
             raise TypeError(f"initializer must be a recis Initializer, got {initializer!r}")
         if filter_hook is not None and not isinstance(filter_hook, FilterHook):
             raise TypeError(f"filter_hook must be a FilterHook, got {type(filter_hook).__name__}")
+        if slice is not None and not isinstance(slice, Slice):
+            raise TypeError(f"slice must be a Slice, got {type(slice).__name__}")
 
         self._name = name
         self._embedding_shape = tuple(shape)
-        self._dtype = dtype
-        self._device = device
         self._coalesced = coalesced
         self._children = children
         self._child_index = {c: i for i, c in enumerate(children)}
@@ -224,23 +242,16 @@ class HashTable(nn.Module):
         self._initializer = initializer
         self._grad_reduce_by = grad_reduce_by
         self._worker_num = int(os.environ.get("WORLD_SIZE", 1))
-        self._id_map = IdMap(device)
-        self._slots = SlotStore(block_size, device)
-        self._slots.add_slot(EMBEDDING_SLOT, self._embedding_shape, dtype, initializer)
-        self._admit_impls: dict[str, BaseAdmitHookImpl] = {}
+        self.store = TableStore(SlotSpec(EMBEDDING_SLOT, self._embedding_shape, dtype,
+                                         initializer), block_size, device)
         self._grad_rows: list[Tensor] = []
         self._grad_values: list[Tensor] = []
         self._grad_unique = False
-        # change tracking for incremental checkpoints: rows written since the last save, and
-        # the (ids, child indices) removed since then
-        self._dirty = torch.zeros(0, dtype=torch.bool, device=device)  # per storage row
-        self._deleted_log: list[tuple[Tensor, Tensor]] = []
         self._backward_holder = torch.zeros(1, requires_grad=True)
         self._filter_hook = filter_hook
         if filter_hook is not None:
             self._filter_hook_impl = HashtableHookFactory.create_filter_hook(self, filter_hook)
-            for slot in self._filter_hook_impl.slots():
-                self.add_slot(*slot)
+            self.store.attach_policy(policy_key(filter_hook), self._filter_hook_impl)
         else:
             self._filter_hook_impl = nn.Identity()
         self._register_state_dict_hook(_put_table_in_state_dict)
@@ -253,11 +264,11 @@ class HashTable(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self._device
+        return self.store.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._dtype
+        return self.store.slot_spec(EMBEDDING_SLOT).dtype
 
     @property
     def embedding_shape(self) -> tuple[int, ...]:
@@ -265,7 +276,7 @@ class HashTable(nn.Module):
 
     @property
     def block_size(self) -> int:
-        return self._slots.block_size
+        return self.store.block_size
 
     @property
     def coalesce(self) -> bool:
@@ -297,24 +308,23 @@ class HashTable(nn.Module):
             raise ValueError(f"unknown child {child!r}; children: {self._children}") from None
 
     def __len__(self) -> int:
-        return len(self._id_map)
+        return len(self.store)
 
     def stats(self) -> dict[str, int]:
-        """``{"live": IDs now, "admitted": IDs ever inserted, "removed": IDs ever removed}``
-        (since construction, in this process)."""
-        return {"live": len(self._id_map), "admitted": self._id_map.inserted_total,
-                "removed": self._id_map.deleted_total}
+        """``{"live": IDs now, "capacity": rows allocated, "admitted": IDs ever inserted,
+        "removed": IDs ever removed}`` (since construction, in this process)."""
+        return self.store.stats()
 
     def memory_bytes(self) -> int:
-        """Bytes held by the ID map and every slot's blocks."""
-        return self._id_map.memory_bytes() + self._slots.memory_bytes()
+        """Bytes held by the ID map, every slot's blocks and the change tracking."""
+        return self.store.memory_bytes()
 
     def extra_repr(self) -> str:
         s = f"name={self._name!r}, embedding_shape={list(self._embedding_shape)}"
-        if self._dtype != torch.float32:
-            s += f", dtype={self._dtype}"
-        if self._device.type != "cpu":
-            s += f", device={self._device}"
+        if self.dtype != torch.float32:
+            s += f", dtype={self.dtype}"
+        if self.device.type != "cpu":
+            s += f", device={self.device}"
         if self._coalesced:
             s += f", children={self._children}"
         return s + f", rows={len(self)}"
@@ -329,19 +339,31 @@ class HashTable(nn.Module):
         idx = child if isinstance(child, int) else self.child_index(child)
         if idx == 0:
             return None
-        return torch.full((n,), idx, dtype=torch.int64, device=self._device)
+        return torch.full((n,), idx, dtype=torch.int64, device=self.device)
 
-    def _admit_impl(self, hook: AdmitHook) -> BaseAdmitHookImpl:
-        key = str(hook)
-        impl = self._admit_impls.get(key)
+    def admit_policy(self, hook: AdmitHook) -> BaseAdmitHookImpl:
+        """The table's admission policy for ``hook`` (created and attached on first use, so
+        its state, e.g. MinCount's counts, lives and is saved with the table)."""
+        if not isinstance(hook, AdmitHook):
+            raise TypeError(f"admit_hook must be an AdmitHook, got {type(hook).__name__}")
+        key = policy_key(hook)
+        impl = self.store.policies().get(key)
         if impl is None:
             impl = HashtableHookFactory.create_admit_hook(self, hook)
-            self._admit_impls[key] = impl
+            try:
+                self.store.attach_policy(key, impl)
+            except ValueError:  # attached by another thread meanwhile
+                impl = self.store.policies()[key]
         return impl
 
     @property
     def _writable(self) -> bool:
-        return self.training and self._dtype.is_floating_point
+        return self.training and self.dtype.is_floating_point
+
+    def lookup_lock(self):
+        """The lock a lookup and the reads of its rows hold together: exclusive when the
+        lookup writes (training), shared otherwise."""
+        return self.store.lock.write() if self._writable else self.store.lock.read()
 
     def resolve(
         self, ids: Tensor, tags: Tensor | None = None, admit_hook: AdmitHook | None = None
@@ -349,60 +371,34 @@ class HashTable(nn.Module):
         """Map IDs to rows: admit (training) or not (eval, read-only), stamp the filter.
 
         ``ids`` must be flat int64 (see :func:`check_ids`); ``tags`` optional child indices of
-        the same length. The embeddings are read by :meth:`gather` or a fused combiner.
+        the same length. The embeddings are read by :meth:`gather` or a fused combiner; hold
+        :meth:`lookup_lock` around both so that no other thread moves rows in between.
         """
-        if admit_hook is not None and not isinstance(admit_hook, AdmitHook):
-            raise TypeError(f"admit_hook must be an AdmitHook, got {type(admit_hook).__name__}")
-        policy = self._admit_impl(admit_hook) if admit_hook is not None else None
+        policy = self.admit_policy(admit_hook) if admit_hook is not None else None
         training = self._writable
         records_grad = training and torch.is_grad_enabled()
+        by_id = records_grad and self._grad_reduce_by == "id"
         with torch.no_grad():
-            uniq, uniq_tags, inverse = kernels.unique_with_inverse(ids, tags)
-            counts = None  # occurrences per unique ID, when a policy or the gradient needs them
-            if (policy is not None and not policy.admits_nothing) or (
-                records_grad and self._grad_reduce_by == "id"
-            ):
-                counts = torch.bincount(inverse, minlength=uniq.numel())
-            if not training or (policy is not None and policy.admits_nothing):
-                rows = self._id_map.lookup(uniq, uniq_tags)
-            elif policy is None:
-                rows = self._id_map.lookup_or_insert(uniq, uniq_tags, assume_unique=True)
-            else:
-                rows = self._id_map.lookup(uniq, uniq_tags)
-                missing = (rows < 0).nonzero().squeeze(1)
-                if missing.numel():
-                    miss_tags = None if uniq_tags is None else uniq_tags[missing]
-                    admitted = policy.admit(self, uniq[missing], miss_tags, counts[missing])
-                    take = missing[admitted]
-                    rows[take] = self._id_map.lookup_or_insert(
-                        uniq[take], None if uniq_tags is None else uniq_tags[take],
-                        assume_unique=True,
-                    )
-            self._ensure_rows()
-            all_valid = training and policy is None
-            if training:
-                touched = rows if all_valid else rows[rows >= 0]
-                self._filter_hook_impl(touched)
-                self._mark_dirty(touched)
-        if self._grad_reduce_by != "id":
-            counts = None  # the gradient sums occurrences; only "id" divides by the counts
-        return Lookup(rows, inverse, counts, all_valid, records_grad)
+            got = self.store.resolve(ids, tags, training=training, admit=policy, count=by_id)
+        return Lookup(got.rows, got.inverse, got.counts if by_id else None,
+                      training and policy is None, records_grad)
 
     def gather(self, lookup: Lookup) -> Tensor:
         """Embeddings of a lookup's unique rows ``(U, *embedding_shape)``, differentiable when
         the lookup records gradients (zeros for rows that were not admitted)."""
         if lookup.records_grad:
             return _TableLookup.apply(self._backward_holder, self, lookup)
-        return self._slots.gather(EMBEDDING_SLOT, lookup.rows)
+        return self.store.read(EMBEDDING_SLOT, lookup.rows)
 
     def lookup_unique(
         self, ids: Tensor, tags: Tensor | None = None, admit_hook: AdmitHook | None = None
     ) -> tuple[Tensor, Tensor]:
         """Embeddings of the unique IDs and the inverse index: ``emb[inverse]`` is the lookup."""
-        lookup = self.resolve(ids, tags, admit_hook)
-        return self.gather(lookup), lookup.inverse
+        with self.lookup_lock():
+            lookup = self.resolve(ids, tags, admit_hook)
+            return self.gather(lookup), lookup.inverse
 
-    def _accept_lookup_grad(self, lookup: Lookup, grad: Tensor) -> None:
+    def accept_lookup_grad(self, lookup: Lookup, grad: Tensor) -> None:
         """Backward of a lookup: ``grad`` holds one row per unique ID of ``lookup``."""
         rows = lookup.rows
         if not lookup.all_valid:
@@ -419,7 +415,7 @@ class HashTable(nn.Module):
 
     def forward(self, ids: Tensor, admit_hook: AdmitHook | None = None) -> Tensor:
         """Rows of ``ids`` (any shape) as ``(ids.numel(), *embedding_shape)``."""
-        flat = check_ids(ids, self._device)
+        flat = check_ids(ids, self.device)
         emb, inverse = self.lookup_unique(flat, None, admit_hook)
         return emb[inverse]
 
@@ -432,7 +428,7 @@ class HashTable(nn.Module):
         are allowed and the last occurrence wins. Rows are stamped by the filter policy as if
         looked up now.
         """
-        flat = check_ids(ids, self._device)
+        flat = check_ids(ids, self.device)
         if not isinstance(embeddings, Tensor):
             raise TypeError(f"embeddings must be a Tensor, got {type(embeddings).__name__}")
         expected = (flat.numel(), *self._embedding_shape)
@@ -441,148 +437,39 @@ class HashTable(nn.Module):
                 f"embeddings must have shape {list(expected)} (one row per ID), "
                 f"got {list(embeddings.shape)}"
             )
-        if embeddings.dtype != self._dtype:
+        if embeddings.dtype != self.dtype:
             raise TypeError(
-                f"embeddings must have the table dtype {self._dtype}, got {embeddings.dtype}"
+                f"embeddings must have the table dtype {self.dtype}, got {embeddings.dtype}"
             )
-        if embeddings.device.type != self._device.type:
-            raise ValueError(f"embeddings are on {embeddings.device}, table on {self._device}")
+        if embeddings.device.type != self.device.type:
+            raise ValueError(f"embeddings are on {embeddings.device}, table on {self.device}")
         tags = self._tags(child, flat.numel())
-        uniq, uniq_tags, inverse = kernels.unique_with_inverse(flat, tags)
-        last = torch.full((uniq.numel(),), -1, dtype=torch.int64, device=self._device)
-        last.scatter_reduce_(0, inverse, torch.arange(flat.numel(), device=self._device), "amax")
-        rows = self._id_map.lookup_or_insert(uniq, uniq_tags, assume_unique=True)
-        self._ensure_rows()
-        self._slots.scatter(EMBEDDING_SLOT, rows, embeddings[last])
-        self._filter_hook_impl(rows)
-        self._mark_dirty(rows)
-
-    def _delete_keys(self, ids: Tensor, tags: Tensor | None) -> int:
-        rows = self._id_map.delete(ids, tags)
-        hit = rows >= 0
-        freed = rows[hit]
-        self._slots.reset_rows(freed)
-        if freed.numel():
-            kept_tags = tags[hit] if tags is not None else torch.zeros_like(freed)
-            self._deleted_log.append((ids[hit].clone(), kept_tags.clone()))
-            self._mark_dirty(freed)  # their slots were reset to defaults
-        return freed.numel()
+        store = self.store
+        with store.lock.write():
+            uniq, uniq_tags, inverse = store.backend.unique_with_inverse(flat, tags)
+            last = torch.full((uniq.numel(),), -1, dtype=torch.int64, device=self.device)
+            last.scatter_reduce_(0, inverse, torch.arange(flat.numel(), device=self.device),
+                                 "amax")
+            rows = store.lookup_or_insert(uniq, uniq_tags)
+            store.write(EMBEDDING_SLOT, rows, embeddings[last])
+            store.touch(rows)
 
     @torch.no_grad()
     def delete(self, ids: Tensor, child: str | None = None) -> int:
         """Remove IDs (unknown ones are ignored); their rows are reset to every slot's default
         and reused by later inserts. Returns how many were removed."""
-        flat = check_ids(ids, self._device)
-        return self._delete_keys(flat, self._tags(child, flat.numel()))
+        flat = check_ids(ids, self.device)
+        return self.store.remove(flat, self._tags(child, flat.numel()))
 
     def clear(self) -> None:
         """Remove every ID and release all rows and blocks."""
-        ids, tags, _ = self._id_map.items()
-        if ids.numel():
-            self._deleted_log.append((ids, tags))
-        self._id_map.clear()
-        self._slots.clear()
-        self._dirty = self._dirty[:0]
+        self.store.clear()
         self.clear_grad()
-
-    # -- change tracking and row export/import (checkpoints) --------------------------------
-    def _ensure_rows(self, num_rows: int | None = None, initialize: bool = True) -> None:
-        """Grow the slot store to hold the rows handed out; new blocks count as written."""
-        before = self._slots.capacity
-        self._slots.ensure_rows(self._id_map.row_high_water if num_rows is None else num_rows,
-                                initialize)
-        if self._slots.capacity > before:
-            self._mark_dirty(torch.arange(before, self._slots.capacity, device=self._device))
-
-    def _mark_dirty(self, rows: Tensor) -> None:
-        if rows.numel() == 0:
-            return
-        need = self._slots.capacity
-        if self._dirty.numel() < need:
-            grown = torch.zeros(need, dtype=torch.bool, device=self._device)
-            grown[: self._dirty.numel()] = self._dirty
-            self._dirty = grown
-        self._dirty[rows] = True
-
-    def changes(self) -> tuple[Tensor, Tensor, Tensor]:
-        """What changed since :meth:`mark_saved`: ``(rows written, removed ids, their child
-        indices)``. Rows written are storage rows, live or not: training lookups, inserts,
-        slot writes, optimizer updates, rows reset by removals and newly allocated blocks."""
-        written = self._dirty.nonzero().squeeze(1)
-        if self._deleted_log:
-            del_ids = torch.cat([d[0] for d in self._deleted_log])
-            del_tags = torch.cat([d[1] for d in self._deleted_log])
-        else:
-            del_ids = del_tags = torch.zeros(0, dtype=torch.int64, device=self._device)
-        return written, del_ids, del_tags
-
-    def mark_saved(self) -> None:
-        """Forget the recorded changes (called after a checkpoint captured the table)."""
-        self._dirty.zero_()
-        self._deleted_log.clear()
-
-    def export_rows(self, child: int = 0, rows: Tensor | None = None,
-                    snapshot: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
-        """``{"id": ids, "row": rows, slot: values, ...}`` of one child's live rows (all, or
-        those among ``rows``), ordered by row. ``snapshot``: a :meth:`snapshot` to reuse."""
-        ids, tags, all_rows = snapshot if snapshot is not None else self._id_map.items()
-        keep = tags == child
-        if rows is not None:
-            keep &= torch.isin(all_rows, rows)
-        ids, sel = ids[keep], all_rows[keep]
-        out = {"id": ids, "row": sel}
-        for name in self._slots.slot_names:
-            out[name] = self._slots.gather(name, sel)
-        return out
-
-    def export_unused(self, rows: Tensor | None = None,
-                      snapshot: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
-        """``{"row": rows, slot: values}`` of storage rows that hold no ID (free rows and the
-        tail of the last block), all or those among ``rows``; with :meth:`layout` this is what
-        an exact restore needs besides the live rows."""
-        live = torch.zeros(self._slots.capacity, dtype=torch.bool, device=self._device)
-        live[(snapshot if snapshot is not None else self._id_map.items())[2]] = True
-        unused = (~live).nonzero().squeeze(1)
-        if rows is not None:
-            unused = unused[torch.isin(unused, rows)]
-        out = {"row": unused}
-        for name in self._slots.slot_names:
-            out[name] = self._slots.gather(name, unused)
-        return out
-
-    def layout(self) -> dict[str, Tensor]:
-        """Row allocator state: ``capacity``, ``next_row`` and the free rows (reuse order)."""
-        m = self._id_map
-        return {"capacity": torch.tensor([self._slots.capacity]),
-                "next_row": torch.tensor([m.row_high_water]),
-                "free": m._free[: m._n_free].clone().cpu()}
-
-    @torch.no_grad()
-    def restore_exact(self, ids: Tensor, tags: Tensor, rows: Tensor, capacity: int,
-                      next_row: int, free: Tensor) -> None:
-        """Rebuild the ID map with exactly these ``(id, child) -> row`` entries and allocator
-        state (used by checkpoint loads that restore the layout bit for bit)."""
-        self._id_map.restore(ids.to(self._device), tags.to(self._device),
-                             rows.to(self._device), next_row, free.to(self._device))
-        self._ensure_rows(capacity)
-
-    @torch.no_grad()
-    def import_rows(self, child: int, ids: Tensor, slots: dict[str, Tensor]) -> None:
-        """Insert (or overwrite) rows of one child with the given slot values; slots not given
-        keep their defaults for new rows."""
-        if ids.numel() == 0:
-            return
-        tags = None if child == 0 else torch.full_like(ids, child)
-        rows = self._id_map.lookup_or_insert(ids, tags)
-        self._ensure_rows()
-        for name, values in slots.items():
-            self._slots.scatter(name, rows, values)
-        self._mark_dirty(rows)
 
     # -- reading the contents ----------------------------------------------------------------
     def ids_map(self, child: str | None = None) -> tuple[Tensor, Tensor]:
         """``(ids, rows)`` of the live IDs (of one child, or all), ordered by row."""
-        ids, tags, rows = self._id_map.items()
+        ids, tags, rows = self.store.items()
         if child is not None:
             keep = tags == self.child_index(child)
             ids, rows = ids[keep], rows[keep]
@@ -594,48 +481,49 @@ class HashTable(nn.Module):
 
     def embeddings(self, child: str | None = None) -> Tensor:
         """Rows of :meth:`ids`, in the same order: ``(len, *embedding_shape)``."""
-        return self.slot_values(EMBEDDING_SLOT, self.ids_map(child)[1])
+        with self.store.lock.read():
+            return self.slot_values(EMBEDDING_SLOT, self.ids_map(child)[1])
 
     def snapshot(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(ids, child indices, rows)`` of every live entry, ordered by row."""
-        return self._id_map.items()
+        return self.store.items()
 
     # -- slots -------------------------------------------------------------------------------
     def add_slot(self, name: str, row_shape, dtype: torch.dtype, default: Any = 0) -> None:
         """Add a per-row slot (existing rows get ``default``)."""
-        self._slots.add_slot(name, row_shape, dtype, default)
+        self.store.declare_slot(SlotSpec(name, tuple(row_shape), dtype, default))
 
     def has_slot(self, name: str) -> bool:
-        return self._slots.has_slot(name)
+        return self.store.has_slot(name)
 
     @property
     def slot_names(self) -> list[str]:
-        return self._slots.slot_names
+        return self.store.slot_names
 
     def slot_values(self, name: str, rows: Tensor) -> Tensor:
-        """Values of a slot at ``rows`` (zeros where ``rows < 0``)."""
-        return self._slots.gather(name, rows)
+        """Values of a slot at ``rows`` (zeros where ``rows == -1``)."""
+        return self.store.read(name, rows)
 
     def set_slot_values(self, name: str, rows: Tensor, values: Tensor) -> None:
-        """Write values of a slot at ``rows`` (rows < 0 are skipped)."""
-        self._slots.scatter(name, rows, values)
-        self._mark_dirty(rows[rows >= 0])
+        """Write values of a slot at ``rows`` (rows equal to -1 are skipped)."""
+        self.store.write(name, rows, values)
 
     def slot_blocks(self, name: str) -> list[Tensor]:
         """The blocks of a slot, writable views ``[block_size, *row_shape]``."""
-        return self._slots.blocks(name)
+        return self.store.blocks(name)
 
     # -- gradients ---------------------------------------------------------------------------
     def accept_grad(self, grad_index: Tensor, grad: Tensor, _unique: bool = False) -> None:
         """Keep a gradient for rows ``grad_index`` (accumulated until :meth:`clear_grad`)."""
-        if grad_index.dtype != torch.int64:
-            raise TypeError(f"grad_index must be int64, got {grad_index.dtype}")
-        if grad.shape[0] != grad_index.numel():
+        if not isinstance(grad_index, Tensor) or grad_index.dtype != torch.int64:
+            raise TypeError(f"grad_index must be an int64 Tensor, got {grad_index!r:.60}")
+        if not isinstance(grad, Tensor) or grad.shape[:1] != (grad_index.numel(),):
             raise ValueError(
-                f"grad must have one row per index ({grad_index.numel()}), got {grad.shape[0]}"
+                f"grad must have one row per index ({grad_index.numel()}), got "
+                f"{tuple(getattr(grad, 'shape', ()))}"
             )
         self._grad_rows.append(grad_index.detach())
-        self._grad_values.append(grad.detach().to(self._dtype))
+        self._grad_values.append(grad.detach().to(self.dtype))
         self._grad_unique = _unique and len(self._grad_rows) == 1
 
     def grad_rows(self, acc_steps: int = 1) -> tuple[Tensor, Tensor]:
@@ -647,8 +535,8 @@ class HashTable(nn.Module):
         shape = self._embedding_shape
         if not self._grad_rows:
             return (
-                torch.zeros(0, dtype=torch.int64, device=self._device),
-                torch.zeros(0, *shape, dtype=self._dtype, device=self._device),
+                torch.zeros(0, dtype=torch.int64, device=self.device),
+                torch.zeros(0, *shape, dtype=self.dtype, device=self.device),
             )
         if self._grad_unique:
             values = self._grad_values[0]
@@ -671,7 +559,7 @@ class HashTable(nn.Module):
         rows, values = self.grad_rows(acc_steps)
         rows, order = torch.sort(rows)
         values = values[order]
-        size = (max(self._slots.capacity, 1), *self._embedding_shape)
+        size = (max(self.store.capacity, 1), *self._embedding_shape)
         return torch.sparse_coo_tensor(rows.unsqueeze(0), values, size, is_coalesced=True,
                                        check_invariants=False)
 
@@ -679,6 +567,45 @@ class HashTable(nn.Module):
         self._grad_rows.clear()
         self._grad_values.clear()
         self._grad_unique = False
+
+    # -- module semantics --------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.cpu()``, ``.double()``, ...: move or cast the rows too."""
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        try:
+            moved = fn(probe)
+        except (AssertionError, RuntimeError) as e:
+            raise RuntimeError(f"cannot move table {self._name!r}: {e}") from e
+        if isinstance(moved, Tensor) and (moved.device, moved.dtype) != (probe.device,
+                                                                         probe.dtype):
+            device = check_device(moved.device, f"the new device of table {self._name!r}")
+            dtype = moved.dtype if moved.dtype != probe.dtype else None
+            self.store.to(device, dtype)
+            self._grad_values = [g.to(device, self.dtype) for g in self._grad_values]
+            self._grad_rows = [r.to(device) for r in self._grad_rows]
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        other = state_dict.get(self._name)
+        if isinstance(other, HashTable) and other is not self:
+            problems = [f"{what}: {a} vs {b}" for what, a, b in (
+                ("embedding_shape", other.embedding_shape, self.embedding_shape),
+                ("children", other.children_hashtable, self.children_hashtable))
+                if a != b]
+            if problems:
+                error_msgs.append(f"table {self._name!r} cannot take the rows of table "
+                                  f"{other.name!r}: " + "; ".join(problems))
+            else:
+                self.store.copy_from(other.store)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        impl = self.__dict__.get("_modules", {}).get("_filter_hook_impl")
+        if impl is not None and hasattr(impl, "bind"):  # a copy serves the copied table
+            impl.bind(self)
 
 
 def _put_table_in_state_dict(module: HashTable, state_dict: dict, prefix: str, local_metadata):

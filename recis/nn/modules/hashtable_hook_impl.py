@@ -26,11 +26,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from recis._core.backends.torch_backend import hash_keys
+from recis._core.policy import TablePolicy
+from recis._core.slots import SlotSpec
 from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.utils.checks import check_positive_int
 from recis.utils.logger import Logger
 
 if TYPE_CHECKING:
+    from recis._core.store import TableStore
     from recis.nn.modules.hashtable import HashTable
 
 logger = Logger(__name__)
@@ -44,7 +48,21 @@ __all__ = [
     "regist_admit",
     "regist_filter",
     "live_filters",
+    "policy_key",
+    "check_slot_name",
 ]
+
+RESERVED_SLOTS = ("embedding",)
+
+
+def check_slot_name(name: Any, where: str) -> str:
+    """A policy's slot name: a non-empty str that is not a reserved slot (``"embedding"``)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{where}: name must be a non-empty str, got {name!r}")
+    if name in RESERVED_SLOTS:
+        raise ValueError(f"{where}: name {name!r} is reserved for the table's own slot; "
+                         "choose another")
+    return name
 
 _ADMIT_POLICIES: dict[str, type] = {}
 _FILTER_POLICIES: dict[str, type] = {}
@@ -98,11 +116,18 @@ def live_filters() -> list[BaseFilterHookImpl]:
     return alive
 
 
+def policy_key(hook: AdmitHook | FilterHook) -> str:
+    """The key a table attaches a hook's policy under: its kind and JSON (name and params)."""
+    return f"{hook.type}:{hook}"
+
+
 # -- admission ---------------------------------------------------------------------------------
-class BaseAdmitHookImpl:
+class BaseAdmitHookImpl(TablePolicy):
     """Decides which unknown IDs of a training lookup get a row.
 
     Subclasses implement :meth:`admit`; ``admits_nothing = True`` lets the table skip the call.
+    Like every :class:`~recis._core.policy.TablePolicy` an admission policy may declare
+    per-row slots and keep state (:meth:`policy_state`), saved with its table.
     """
 
     admits_nothing = False
@@ -111,18 +136,11 @@ class BaseAdmitHookImpl:
         if params:
             raise TypeError(f"{type(self).__name__} takes no parameters, got {sorted(params)}")
 
-    def admit(self, table: HashTable, ids: Tensor, tags: Tensor | None, counts: Tensor) -> Tensor:
+    def admit(self, store: TableStore, ids: Tensor, tags: Tensor | None,
+              counts: Tensor) -> Tensor:
         """Bool mask over ``ids`` (unknown, unique; ``counts`` = occurrences in this lookup):
         True = insert now."""
         raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """Tensors of the policy's state, saved with the table's checkpoints."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__} has no state, got {sorted(state)}")
 
 
 @regist_admit("ReadOnly")
@@ -131,7 +149,7 @@ class ReadOnlyHookImpl(BaseAdmitHookImpl):
 
     admits_nothing = True
 
-    def admit(self, table: HashTable, ids: Tensor, tags: Tensor | None, counts: Tensor) -> Tensor:
+    def admit(self, store, ids, tags, counts):
         return torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
 
 
@@ -144,8 +162,6 @@ def count_min_admit(sketch: Tensor, ids: Tensor, tags: Tensor | None, counts: Te
     sketch may over-count (IDs sharing counters), so an ID can be admitted early, never
     late. ``sketch`` is ``(depth, width)`` int32 with ``width`` a power of two.
     """
-    from recis._core.kernels._torch import hash_keys
-
     depth, width = sketch.shape
     base = tags if tags is not None else torch.zeros_like(ids)
     estimate = None
@@ -164,7 +180,9 @@ class MinCountAdmitHookImpl(BaseAdmitHookImpl):
     Until then it reads as a zero row and gets no gradient. Occurrences of IDs not yet in the
     table are counted in a count-min sketch of ``depth x width`` int32 counters (fixed memory,
     ``4 * depth * width`` bytes), which can over-count, so an ID may be admitted a little
-    early, never late. Counts of IDs that are removed later start again from the sketch.
+    early, never late. Counts of IDs that are removed later start again from the sketch. The
+    sketch is saved with the table; a resharded load gives every new shard the sum of the
+    saved shards' sketches (IDs may then be admitted early, never late).
 
     Args:
         min_count (int): occurrences needed (>= 1). Default: 2.
@@ -181,15 +199,18 @@ class MinCountAdmitHookImpl(BaseAdmitHookImpl):
         self._shape = (depth, width)
         self._sketch: Tensor | None = None
 
-    def admit(self, table: HashTable, ids: Tensor, tags: Tensor | None, counts: Tensor) -> Tensor:
+    def admit(self, store, ids, tags, counts):
         if self._sketch is None:
             self._sketch = torch.zeros(self._shape, dtype=torch.int32, device=ids.device)
         return count_min_admit(self._sketch, ids, tags, counts, self.min_count)
 
-    def state_dict(self) -> dict[str, Tensor]:
+    def policy_state(self) -> dict[str, Tensor]:
         return {} if self._sketch is None else {"sketch": self._sketch}
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+    def load_policy_state(self, state: dict[str, Tensor]) -> None:
+        unknown = set(state) - {"sketch"}
+        if unknown:
+            raise ValueError(f"MinCount: unknown state {sorted(unknown)}")
         sketch = state.get("sketch")
         if sketch is not None:
             if tuple(sketch.shape) != self._shape:
@@ -197,24 +218,40 @@ class MinCountAdmitHookImpl(BaseAdmitHookImpl):
                                  f"this policy {self._shape}")
             self._sketch = sketch.to(torch.int32).clone()
 
+    @classmethod
+    def merge_policy_states(cls, states):
+        sketches = [s["sketch"].to(torch.int64) for s in states if "sketch" in s]
+        if not sketches:
+            return {}
+        total = torch.stack(sketches).sum(0).clamp_(max=torch.iinfo(torch.int32).max)
+        return {"sketch": total.to(torch.int32)}
+
 
 # -- filters -----------------------------------------------------------------------------------
-class BaseFilterHookImpl(nn.Module):
-    """A filter policy attached to one table (a submodule of it, so its state is saved with it).
+class BaseFilterHookImpl(nn.Module, TablePolicy):
+    """A filter policy attached to one table (a submodule of it).
 
-    Contract:
+    Contract (on top of :class:`~recis._core.policy.TablePolicy`):
 
-    * :meth:`slots` declares per-row metadata slots ``(name, row_shape, dtype, default)``; the
-      table allocates them (and resets them when a row is removed).
-    * :meth:`update` sees the rows each training lookup touched.
+    * :meth:`slot_specs` declares per-row metadata slots; the table allocates them, resets
+      them when a row is removed, and saves them.
+    * :meth:`on_touch` sees the rows every training lookup and insert touched (by default it
+      calls :meth:`update`, RecIS's name).
     * :meth:`update_step` is called once per :class:`HashTableFilterHook` step.
     * :meth:`filter` returns which live rows to remove; :meth:`do_filter` removes them.
+    * :meth:`policy_state` is the policy's own state (e.g. a clock), saved with the table.
     """
 
     def __init__(self, table: HashTable, name: str | None = None):
         super().__init__()
-        self._table_ref = weakref.ref(table)
         self._name = name or type(self).__name__
+        self.policy_name = type(self).__name__  # the registered name, set by the factory
+        self.bind(table)
+
+    def bind(self, table: HashTable) -> None:
+        """Serve ``table`` (done at construction, and for a copy of a table)."""
+        self._table_ref = weakref.ref(table)
+        _LIVE_FILTERS.append(weakref.ref(self))
 
     @property
     def table(self) -> HashTable | None:
@@ -229,11 +266,11 @@ class BaseFilterHookImpl(nn.Module):
         """Validate a hook's params before any table exists (default: names only)."""
         inspect.signature(cls.__init__).bind(None, None, **params)
 
-    def slots(self) -> list[tuple[str, tuple[int, ...], torch.dtype, Any]]:
-        return []
-
     def update(self, rows: Tensor) -> None:
         """Called with the (valid, unique) rows of every training lookup and insert."""
+
+    def on_touch(self, store: TableStore, rows: Tensor) -> None:
+        self.update(rows)
 
     def update_step(self, step_size: int = 1) -> None:
         """Advance the policy's clock."""
@@ -251,11 +288,13 @@ class BaseFilterHookImpl(nn.Module):
         table = self.table
         if table is None:
             return 0
-        ids, tags, rows = table._id_map.items()
-        if ids.numel() == 0:
-            return 0
-        remove = self.filter(ids, tags, rows)
-        removed = table._delete_keys(ids[remove], tags[remove])
+        store = table.store
+        with store.lock.write():
+            ids, tags, rows = store.items()
+            if ids.numel() == 0:
+                return 0
+            remove = self.filter(ids, tags, rows)
+            removed = store.remove(ids[remove], tags[remove])
         logger.debug(
             "%s on %s: %d live rows, %d removed", self._name, table.name, ids.numel(), removed
         )
@@ -266,12 +305,14 @@ class BaseFilterHookImpl(nn.Module):
 class GlobalStepFilterHookImpl(BaseFilterHookImpl):
     """Remove rows not looked up during the last ``filter_step`` steps.
 
-    The policy keeps a step counter ``G`` (a buffer, saved in the table's ``state_dict``) that
+    The policy keeps a step counter ``G`` (its state: saved with the table's checkpoints, and
+    a buffer, so also in the model's ``state_dict``) that
     :class:`~recis.hooks.filter_hook.HashTableFilterHook` advances by one per ``after_step``.
     Training lookups and :meth:`HashTable.insert` stamp ``G`` into the rows they touch; a run of
     the filter removes rows whose stamp is ``< G - filter_step``. With one lookup and one
     ``after_step`` per step from step 0, an ID last seen at step ``s`` is removed by the first
-    filter run at a step ``c`` with ``c - s >= filter_step``.
+    filter run at a step ``c`` with ``c - s >= filter_step``. A resharded load gives every
+    shard the largest saved counter.
 
     Args:
         filter_step (int): steps without a lookup after which a row is removed. Must be > 0.
@@ -289,26 +330,40 @@ class GlobalStepFilterHookImpl(BaseFilterHookImpl):
 
     @classmethod
     def check_params(cls, filter_step: int = 100, name: str = "step_filter") -> None:
-        check_positive_int(filter_step, "filter_step")
+        check_positive_int(filter_step, "filter_step", where="GlobalStepFilter")
+        check_slot_name(name, "GlobalStepFilter")
 
     @property
     def global_step(self) -> int:
         return int(self._global_step.item())
 
-    def slots(self):
-        return [(self._name, (1,), torch.int64, 0)]
+    def slot_specs(self) -> list[SlotSpec]:
+        return [SlotSpec(self._name, (1,), torch.int64, 0)]
 
-    def update(self, rows: Tensor) -> None:
-        table = self.table
-        if table is not None and rows.numel():
-            table._slots.scatter(self._name, rows, self._global_step.view(1, 1))
+    def on_touch(self, store: TableStore, rows: Tensor) -> None:
+        if rows.numel():
+            store.write(self._name, rows, self._global_step.view(1, 1))
 
     def update_step(self, step_size: int = 1) -> None:
         self._global_step += step_size
 
     def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
-        stamps = self.table._slots.gather(self._name, rows).view(-1)
+        stamps = self.table.store.read(self._name, rows).view(-1)
         return stamps < self._global_step - self.filter_step
+
+    def policy_state(self) -> dict[str, Tensor]:
+        return {"global_step": self._global_step}
+
+    def load_policy_state(self, state: dict[str, Tensor]) -> None:
+        if set(state) != {"global_step"}:
+            raise ValueError(f"GlobalStepFilter: expected state ['global_step'], got "
+                             f"{sorted(state)}")
+        self._global_step.copy_(state["global_step"].reshape(1))
+
+    @classmethod
+    def merge_policy_states(cls, states):
+        steps = [s["global_step"].reshape(()) for s in states]
+        return {"global_step": torch.stack(steps).max().reshape(1)} if steps else {}
 
     def extra_repr(self) -> str:
         return f"filter_step={self.filter_step}, name={self._name!r}"
@@ -354,13 +409,14 @@ class HashtableHookFactory:
         if not isinstance(hook, FilterHook):
             raise TypeError(f"filter_hook must be a FilterHook, got {type(hook).__name__}")
         impl = _policy(_FILTER_POLICIES, "filter", hook.name)(table, **hook.params)
-        _LIVE_FILTERS.append(weakref.ref(impl))
+        impl.policy_name = hook.name
         return impl
 
     @staticmethod
     def get_filters() -> dict[str, dict[HashTable, BaseFilterHookImpl]]:
-        """``{policy name: {table: policy}}`` of the live tables."""
+        """``{policy name: {table: policy}}`` of the live tables (RecIS's layout: keyed by
+        the registered policy name, e.g. ``"GlobalStepFilter"``)."""
         out: dict[str, dict] = {}
         for impl in live_filters():
-            out.setdefault(impl.name, {})[impl.table] = impl
+            out.setdefault(impl.policy_name, {})[impl.table] = impl
         return out

@@ -1,26 +1,17 @@
-"""Plain-torch kernels of the ID map and the slot store: the reference twin.
+"""Plain-torch kernels: the reference backend, which runs on any device (CPU, CUDA).
 
-These run on any device (CPU, CUDA) with vectorised tensor operations and no Python loop over
-elements. They define the semantics; :mod:`recis._core.kernels._numba` must give the same
-observable results on CPU (the parity tests check it).
-
-Hash-map layout shared by both backends: one int64 table ``[C, 2]`` (``C`` a power of two),
-key and value side by side so that a probe touches one cache line. ``keys = table[:, 0]``
-holds an ID, ``vals = table[:, 1]`` holds ``row | (tag << 48)`` for a live slot, ``EMPTY`` (-1)
-for a never-used slot and ``TOMBSTONE`` (-2) for a deleted one. The tag is the child (logical
-table) index, so two children's equal IDs are different keys and every int64 value is a valid ID.
-Linear probing; where a key lands may differ between the backends, which is not observable.
+Vectorised tensor operations, no Python loop over elements. These define the semantics
+documented on :class:`~.base.Backend`; other backends must give the same observable results
+(the parity tests check it). Map layout: see :mod:`.base`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-EMPTY = -1
-TOMBSTONE = -2
-TAG_SHIFT = 48
-ROW_MASK = (1 << TAG_SHIFT) - 1
+from .base import EMPTY, ROW_MASK, TAG_SHIFT, TOMBSTONE, Backend, BlockList
 
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -208,3 +199,121 @@ def scatter_rows(blocks: list[Tensor], block_size: int, rows: Tensor, values: Te
         sel = valid[block_of == b]
         src = values.expand(sel.numel(), -1) if broadcast else values[sel]
         blocks[b][rows[sel] - b * block_size] = src.to(blocks[b].dtype)
+
+
+def bag_sum_rows(unique_emb: Tensor, inverse: Tensor, offsets: Tensor, weights: Tensor | None,
+                 mean: bool) -> Tensor:
+    """Reference combiner over bags of rows: ``(B, width)`` sums (weighted), or weighted means
+    ``sum_i w_i e_i / sum_i w_i`` (0 for an empty bag or zero total weight). Differentiable
+    with respect to ``unique_emb`` and ``weights``."""
+    num_bags = offsets.numel() - 1
+    flat = unique_emb.reshape(unique_emb.shape[0], -1)
+    if flat.shape[0] == 0 or inverse.numel() == 0:  # no IDs at all: every bag is empty
+        return flat.new_zeros(num_bags, flat.shape[1])
+    if weights is None and not mean:
+        return F.embedding_bag(inverse, flat, offsets, mode="sum", include_last_offset=True)
+    if weights is None:
+        return F.embedding_bag(inverse, flat, offsets, mode="mean", include_last_offset=True)
+    weights = weights.to(flat.dtype)
+    if mean:
+        bag_of = bag_index(offsets, inverse.numel())
+        totals = torch.zeros(num_bags, dtype=weights.dtype, device=weights.device)
+        totals = totals.index_add(0, bag_of, weights)
+        denom = totals[bag_of]
+        safe = torch.where(denom != 0, denom, torch.ones_like(denom))
+        weights = torch.where(denom != 0, weights / safe, torch.zeros_like(weights))
+    return F.embedding_bag(inverse, flat, offsets, mode="sum", per_sample_weights=weights,
+                           include_last_offset=True)
+
+
+def bag_index(offsets: Tensor, num_items: int) -> Tensor:
+    """The bag of each item: ``(num_items,)`` int64."""
+    lengths = offsets[1:] - offsets[:-1]
+    bags = torch.arange(offsets.numel() - 1, device=offsets.device)
+    return torch.repeat_interleave(bags, lengths, output_size=num_items)
+
+
+class TorchBackend(Backend):
+    """Plain torch on any device: the reference implementation of every kernel."""
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type != "meta"
+
+    # -- ID map --------------------------------------------------------------------------------
+    def unique_with_inverse(self, ids, tags):
+        return unique_with_inverse(ids, tags)
+
+    def map_new(self, capacity, device):
+        return new_table(capacity, device)
+
+    def map_lookup(self, table, ids, tags):
+        return map_lookup(table[:, 0], table[:, 1], ids, tags)
+
+    def map_lookup_or_insert(self, table, ids, tags, free, n_free, next_row):
+        return map_lookup_or_insert(table[:, 0], table[:, 1], ids, tags, free, n_free, next_row)
+
+    def map_delete(self, table, ids, tags):
+        return map_delete(table[:, 0], table[:, 1], ids, tags)
+
+    def map_rebuild(self, table, capacity):
+        return map_rebuild(table[:, 0], table[:, 1], capacity)
+
+    # -- blocks --------------------------------------------------------------------------------
+    def gather(self, blocks, rows, out):
+        return gather_rows(blocks.tensors, blocks.block_size, rows, out)
+
+    def scatter(self, blocks, rows, values):
+        scatter_rows(blocks.tensors, blocks.block_size, rows, values)
+
+    def bag_reduce(self, blocks, rows, inverse, offsets, weights, mean, out):
+        unique = self.gather(blocks, rows, out.new_empty(rows.numel(), out.shape[1]))
+        out.copy_(bag_sum_rows(unique, inverse, offsets, weights, mean))
+        return out
+
+    def bag_reduce_backward(self, inverse, offsets, weights, mean, grad_out, num_unique):
+        grad = grad_out.new_zeros(num_unique, grad_out.shape[1])
+        if inverse.numel() == 0:
+            return grad
+        bag_of = bag_index(offsets, inverse.numel())
+        coef = (torch.ones(inverse.numel(), dtype=grad_out.dtype, device=grad_out.device)
+                if weights is None else weights.to(grad_out.dtype))
+        if mean:
+            totals = coef.new_zeros(offsets.numel() - 1).index_add_(0, bag_of, coef)
+            denom = totals[bag_of]
+            coef = torch.where(denom != 0, coef / torch.where(denom != 0, denom, 1.0), 0.0)
+        return grad.index_add_(0, inverse, grad_out[bag_of] * coef[:, None])
+
+    # -- optimizer updates: gather, compute, scatter --------------------------------------------
+    def adam_update(self, emb, exp_avg, exp_avg_sq, rows, grad, *, decay, beta1, beta2, alpha,
+                    eps, l2):
+        e, m, v = (self._read(b, rows) for b in (emb, exp_avg, exp_avg_sq))
+        g = grad.reshape(e.shape).to(e.dtype) + l2 * e
+        e.mul_(decay)
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        e.sub_(alpha * m / (v.sqrt() + eps))
+        for blocks, values in ((emb, e), (exp_avg, m), (exp_avg_sq, v)):
+            self.scatter(blocks, rows, values)
+
+    def adagrad_update(self, emb, state_sum, rows, grad, *, clr, eps, l2):
+        e, s = self._read(emb, rows), self._read(state_sum, rows)
+        g = grad.reshape(e.shape).to(e.dtype) + l2 * e
+        s.addcmul_(g, g)
+        e.sub_(clr * g / (s.sqrt() + eps))
+        self.scatter(emb, rows, e)
+        self.scatter(state_sum, rows, s)
+
+    def sgd_update(self, emb, momentum_buffer, rows, grad, *, lr, momentum, l2, nesterov):
+        e = self._read(emb, rows)
+        g = grad.reshape(e.shape).to(e.dtype) + l2 * e
+        if momentum:
+            b = self._read(momentum_buffer, rows)
+            b.mul_(momentum).add_(g)
+            self.scatter(momentum_buffer, rows, b)
+            g = g + momentum * b if nesterov else b
+        e.sub_(lr * g)
+        self.scatter(emb, rows, e)
+
+    def _read(self, blocks: BlockList, rows: Tensor) -> Tensor:
+        out = torch.empty(rows.numel(), blocks.width, dtype=blocks.dtype, device=blocks.device)
+        return self.gather(blocks, rows, out)

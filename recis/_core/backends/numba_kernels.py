@@ -1,9 +1,10 @@
-"""numba kernels of the ID map and the slot store, for CPU tables.
+"""numba kernels of the ID map, the slot blocks and the optimizers, for CPU tables.
 
-Each function has the signature and the observable results of its twin in
-:mod:`recis._core.kernels._torch` (the reference, which documents the semantics and the map
-layout); only speed differs. Arguments are numpy views of CPU tensors; kernels are compiled on
-first use and cached to disk (``cache=True``).
+Each kernel gives the observable results of its twin in :mod:`.torch_backend` (the reference;
+the semantics are documented on :class:`.base.Backend`); only speed differs. Arguments are
+numpy views of CPU tensors; kernels are compiled on first use and cached to disk
+(``cache=True``). Float kernels use numpy's error model: a division by zero gives inf/nan as
+in torch, never a ``ZeroDivisionError`` half-way through an update.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._torch import EMPTY, ROW_MASK, TAG_SHIFT, TOMBSTONE
+from .base import EMPTY, ROW_MASK, TAG_SHIFT, TOMBSTONE
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -283,7 +284,7 @@ def scatter_rows(block_ptrs, block_size, rows, values):
             dst[j] = values[k, j]
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def bag_reduce_range(addresses, inverse, offsets, weights, mean, out, lo, hi):
     """Fused lookup + combiner for bags ``[lo, hi)``: ``out[b] = sum_i w_i * row_i`` with
     ``row_i`` the row at ``addresses[inverse[i]]`` (zeros for address 0); divided by
@@ -352,7 +353,7 @@ def bag_backward_plan(inverse, offsets, weights, mean, num_unique):
     return starts, bag, coef
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def bag_backward_range(starts, bag, coef, grad_out, grad_unique, lo, hi):
     """``grad_unique[u] = sum over its occurrences k: coef[k] * grad_out[bag[k]]`` for ``u`` in
     ``[lo, hi)``; each row is written once, in order (no zero-filling needed)."""
@@ -373,7 +374,7 @@ def bag_backward_range(starts, bag, coef, grad_out, grad_unique, lo, hi):
 
 
 # -- optimizer updates over unique rows (addresses from row_addresses; rows are unique) --------
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def adam_update_range(emb_addr, m_addr, v_addr, grads, decay, beta1, one_minus_beta1, beta2,
                       one_minus_beta2, alpha, eps, l2, lo, hi):
     """Per row: ``g += l2 * e; e *= decay; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
@@ -405,7 +406,7 @@ def adam_update_range(emb_addr, m_addr, v_addr, grads, decay, beta1, one_minus_b
             e[j] = ej - alpha * mj / (np.sqrt(vj) + eps)
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def adagrad_update_range(emb_addr, sum_addr, grads, clr, eps, l2, lo, hi):
     """Per row: ``g += l2 * e; s += g^2; e -= clr * g / (sqrt(s) + eps)``."""
     width = grads.shape[1]
@@ -425,7 +426,7 @@ def adagrad_update_range(emb_addr, sum_addr, grads, clr, eps, l2, lo, hi):
             e[j] -= clr * g / (np.sqrt(sj) + eps)
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def sgd_update_range(emb_addr, buf_addr, grads, lr, momentum, l2, nesterov, lo, hi):
     """Per row: ``g += l2 * e``; with momentum ``b = momentum * b + g`` and the step uses ``b``
     (``g + momentum * b`` for Nesterov); ``e -= lr * step``. ``buf_addr`` is unused without
