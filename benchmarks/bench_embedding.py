@@ -45,14 +45,14 @@ from recis.nn import DynamicEmbedding, EmbeddingOption
 TARGET_RATIO = 1.5
 # Functions timed in the profiled pass (skipped when absent, so this follows code changes).
 PROFILE_TARGETS = [
-    ("recis._core.kernels", None, "unique_with_inverse"),
-    ("recis._core.kernels", None, "map_lookup"),
-    ("recis._core.kernels", None, "map_lookup_or_insert"),
-    ("recis._core.kernels", None, "map_rebuild"),
-    ("recis._core.kernels", "BlockList", "gather"),
-    ("recis._core.kernels", "BlockList", "scatter"),
-    ("recis._core.kernels", "BlockList", "bag_reduce"),
-    ("recis._core.kernels", None, "bag_reduce_backward"),
+    ("recis._core.backends.numba_backend", "NumbaBackend", "unique_with_inverse"),
+    ("recis._core.backends.numba_backend", "NumbaBackend", "map_lookup"),
+    ("recis._core.backends.numba_backend", "NumbaBackend", "map_lookup_or_insert"),
+    ("recis._core.backends.numba_backend", "NumbaBackend", "map_rebuild"),
+    ("recis._core.backends.numba_backend", "NumbaBackend", "gather"),
+    ("recis._core.backends.numba_backend", "NumbaBackend", "scatter"),
+    ("recis._core.backends.numba_backend", "NumbaBackend", "bag_reduce"),
+    ("recis._core.backends.numba_backend", "NumbaBackend", "bag_reduce_backward"),
     ("recis._core.slots", "SlotStore", "ensure_rows"),
     ("recis.nn.functional.embedding_ops", None, "bag_reduce"),
     ("recis.nn.modules.hashtable", "HashTable", "accept_grad"),

@@ -40,21 +40,13 @@ from _common import (
     timed,
 )
 
-from recis._core import kernels
+from recis._core.backends import get_backend
 from recis._core.id_map import IdMap
+
+numba = get_backend("numba")
 
 TARGET_MKEYS = 50.0
 N_WARM_BATCHES = 8
-
-
-def torch_twin(fn):
-    """Run ``fn`` with the plain-torch kernels (the numba switch monkeypatched off)."""
-    saved = kernels.use_numba
-    kernels.use_numba = lambda device: False
-    try:
-        return fn()
-    finally:
-        kernels.use_numba = saved
 
 
 def filled_map(ids: torch.Tensor, chunk: int = N_IDS) -> IdMap:
@@ -78,8 +70,13 @@ def run_scenario(name: str, batches, uniqs, base_map: IdMap, base_dict: dict, fr
         state["batch"] = batches[i % len(batches)]
         state["uniq"] = uniqs[i % len(uniqs)]
 
+    twin_map = base_map.to("cpu", get_backend("torch"))
+
     def table() -> IdMap:
         return base_map.to("cpu") if fresh_map else base_map
+
+    def twin_table() -> IdMap:
+        return base_map.to("cpu", get_backend("torch")) if fresh_map else twin_map
 
     def ours() -> float:
         m, b = table(), state["batch"]
@@ -94,9 +91,9 @@ def run_scenario(name: str, batches, uniqs, base_map: IdMap, base_dict: dict, fr
         return time.perf_counter() - t0
 
     def twin() -> float:
-        m, b = table(), state["batch"]
+        m, b = twin_table(), state["batch"]
         t0 = time.perf_counter()
-        torch_twin(lambda: m.lookup_or_insert(b))
+        m.lookup_or_insert(b)
         return time.perf_counter() - t0
 
     def py_dict() -> float:
@@ -108,8 +105,8 @@ def run_scenario(name: str, batches, uniqs, base_map: IdMap, base_dict: dict, fr
     cands = {
         "IdMap.lookup_or_insert(batch)": ours,
         "  kernel only: map(uniq, assume_unique)": kernel_only,
-        "  dedup only: kernels.unique_with_inverse": timed(
-            lambda: kernels.unique_with_inverse(state["batch"], None)
+        "  dedup only: backend.unique_with_inverse": timed(
+            lambda: numba.unique_with_inverse(state["batch"], None)
         ),
         "torch.unique(return_inverse=True)": timed(
             lambda: torch.unique(state["batch"], return_inverse=True)
@@ -196,7 +193,7 @@ def main() -> None:
           f"support (len {len(base):,}, capacity {base.capacity:,})")
 
     def uniq_of(batches):
-        return [kernels.unique_with_inverse(b, None)[0] for b in batches]
+        return [numba.unique_with_inverse(b, None)[0] for b in batches]
 
     _, warm_mk, warm_kern = run_scenario(
         "warm (all keys present)", warm, uniq_of(warm), base, base_dict, False, repeats, warmup

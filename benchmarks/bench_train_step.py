@@ -73,8 +73,8 @@ PROFILE_TARGETS = [
     ("recis.optim.optimizers", "_SparseAdamBase", "_update"),
     ("recis.optim.functional", None, "adagrad_rows"),
     ("recis.optim.functional", None, "adam_rows"),
-    ("recis._core.kernels", None, "update_rows"),
-    ("recis._core.slots", "SlotStore", "row_addresses"),
+    ("recis._core.backends.numba_backend", "NumbaBackend", "adam_update"),
+    ("recis._core.backends.numba_backend", "NumbaBackend", "adagrad_update"),
     ("recis._core.slots", "SlotStore", "gather"),
     ("recis._core.slots", "SlotStore", "scatter"),
 ]

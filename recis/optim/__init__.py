@@ -7,7 +7,7 @@ from recis.optim.optimizers import (
     SparseAdamWTF,
     SparseSGD,
 )
-from recis.optim.sparse_optimizer import SparseOptimizer
+from recis.optim.sparse_optimizer import SparseOptimizer, check_hyper
 
 __all__ = [
     "SparseOptimizer",
@@ -16,4 +16,5 @@ __all__ = [
     "SparseAdamWTF",
     "SparseAdagrad",
     "SparseSGD",
+    "check_hyper",
 ]

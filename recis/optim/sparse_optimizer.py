@@ -148,10 +148,16 @@ class SparseOptimizer(torch.optim.Optimizer):
         for name, table, rows, grad in pending:
             state = self.state[name]
             state["step"] += 1
-            self._update(table, rows, grad, state, group)
+            with table.store.lock.write():  # no other thread sees half-updated rows
+                self._update(table, rows, grad, state, group)
+                table.store.mark_written(rows)
         return loss
 
     def _update(self, table: HashTable, rows, grad, state: dict, group: dict) -> None:
+        """Update ``rows`` (unique, ascending or in lookup order) of ``table`` with ``grad``
+        (per-row sums divided by the accumulation steps); ``state["step"]`` counts this
+        table's updates, ``group`` holds the hyperparameters. Runs under the table's write
+        lock; the rows are marked written afterwards."""
         raise NotImplementedError
 
     # -- state -------------------------------------------------------------------------------

@@ -585,10 +585,10 @@ def _restore_policies(table: HashTable, content: dict, policies: Mapping, exact:
     attached = table.store.policies()
     states = {}
     for tag, key in policies.get(table.name, {}).items():
-        kind, _, hook_json = key.partition(":")
+        kind, _, rest = key.partition(":")
         policy = attached.get(key)
         if policy is None and kind == "admit":
-            spec = json.loads(hook_json)
+            spec = json.loads(rest)
             policy = table.admit_policy(AdmitHook(spec["name"], spec["params"]))
         if policy is None:
             continue  # a filter this table does not have

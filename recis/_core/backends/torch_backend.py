@@ -7,6 +7,8 @@ documented on :class:`~.base.Backend`; other backends must give the same observa
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -207,7 +209,7 @@ def bag_sum_rows(unique_emb: Tensor, inverse: Tensor, offsets: Tensor, weights: 
     ``sum_i w_i e_i / sum_i w_i`` (0 for an empty bag or zero total weight). Differentiable
     with respect to ``unique_emb`` and ``weights``."""
     num_bags = offsets.numel() - 1
-    flat = unique_emb.reshape(unique_emb.shape[0], -1)
+    flat = unique_emb.reshape(unique_emb.shape[0], math.prod(unique_emb.shape[1:]))
     if flat.shape[0] == 0 or inverse.numel() == 0:  # no IDs at all: every bag is empty
         return flat.new_zeros(num_bags, flat.shape[1])
     if weights is None and not mean:

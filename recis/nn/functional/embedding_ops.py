@@ -13,6 +13,7 @@ Every combiner is defined by a simpler computation, which the tests use as the o
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -69,7 +70,7 @@ def table_bag_reduce(
         store.backend.bag_reduce(store.block_list(EMBEDDING_SLOT), lookup.rows, inverse,
                                  offsets, weights, mean, out)
         if lookup.records_grad:
-            out = _FusedBagLookup.apply(out, table._backward_holder, table, lookup, inverse,
+            out = _FusedBagLookup.apply(out, table.grad_anchor, table, lookup, inverse,
                                         offsets, weights, mean)
         return out.view(num_bags, *table.embedding_shape)
     return bag_reduce(table.gather(lookup), inverse, offsets, weights, combiner, tile_len)
@@ -120,7 +121,7 @@ def bag_reduce(
     if inverse.numel() and (int(inverse.min()) < 0 or int(inverse.max()) >= unique_emb.shape[0]):
         raise IndexError(f"inverse must index the {unique_emb.shape[0]} unique rows")
     row_shape = unique_emb.shape[1:]
-    table = unique_emb.reshape(unique_emb.shape[0], -1)
+    table = unique_emb.reshape(unique_emb.shape[0], math.prod(row_shape))
     num_bags = offsets.numel() - 1
     if combiner == "tile":
         positions = offsets[:-1, None] + torch.arange(tile_len, device=offsets.device)

@@ -17,7 +17,7 @@ from recis.nn.initializers import ConstantInitializer, Initializer
 from recis.nn.modules.hashtable import HashTable, Lookup, check_ids, gen_slice
 from recis.nn.modules.hashtable_hook_impl import HashtableHookFactory
 from recis.ragged.tensor import RaggedTensor
-from recis.utils.checks import check_positive_int
+from recis.utils.checks import check_device, check_positive_int
 
 __all__ = ["EmbeddingOption", "DynamicEmbedding", "Bags", "to_bags", "lookup_features"]
 
@@ -54,9 +54,7 @@ class EmbeddingOption:
         check_positive_int(self.block_size, "block_size")
         if not isinstance(self.dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, got {self.dtype!r}")
-        self.device = torch.device(self.device)
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device must be cpu or cuda, got {self.device}")
+        self.device = check_device(self.device)
         if not isinstance(self.shared_name, str) or not self.shared_name:
             raise ValueError(f"shared_name must be a non-empty str, got {self.shared_name!r}")
         if not self.children:
@@ -204,7 +202,7 @@ def reduce_bags(
         inverse = lookup.inverse if inverse is None else inverse
         out = bag_reduce(emb, inverse, bags.offsets, weights, opt.combiner, opt.tile_len)
     if opt.combiner == "tile" and not ragged:
-        out = out.reshape(out.shape[0], -1)  # (B, tile_len * D)
+        out = out.flatten(1)  # (B, tile_len * D)
     out = out.reshape(*bags.out_shape, *out.shape[1:])
     return out if opt.trainable else out.detach()
 

@@ -78,11 +78,15 @@ def is_hashtable(obj: Any) -> bool:
 def split_sparse_dense_state_dict(state_dict: dict) -> tuple[dict, dict]:
     """Move the table entries out of ``state_dict``: returns ``(sparse, dense)``.
 
-    As in RecIS the input dict is modified in place and returned as ``dense``.
+    As in RecIS the input dict is modified in place and returned as ``dense``. ``sparse`` is
+    keyed by table name; a table's second entry (the key under its module path that
+    ``load_state_dict`` reads, see :class:`HashTable`) is dropped.
     """
-    sparse = {k: v for k, v in state_dict.items() if v is not None and is_hashtable(v)}
-    for k in sparse:
+    tables = [(k, v) for k, v in state_dict.items() if v is not None and is_hashtable(v)]
+    sparse = {}
+    for k, v in tables:
         del state_dict[k]
+        sparse.setdefault(getattr(v, "name", k), v)
     return sparse, state_dict
 
 
@@ -169,8 +173,11 @@ class HashTable(nn.Module):
         - Output: ``(N, *embedding_shape)`` with ``N = ids.numel()``.
 
     ``.to(device)``, ``.cuda()``, ``.cpu()`` and ``.to(dtype)`` (floating dtypes) move or cast
-    the rows with every slot; other targets (``meta``) raise. ``load_state_dict`` with a state
-    dict holding another table under this table's name copies that table's rows.
+    the rows with every slot; other targets (``meta``) raise. ``state_dict()`` holds the table
+    itself twice: under its bare name (RecIS's convention, what
+    :func:`filter_out_sparse_param` and the savers read) and under its module path + ``_table``
+    (what ``load_state_dict`` reads): ``other.load_state_dict(model.state_dict())`` copies the
+    rows, slots and policy state of each table into the table at the same path.
 
     Example::
 
@@ -251,7 +258,8 @@ class HashTable(nn.Module):
         self._filter_hook = filter_hook
         if filter_hook is not None:
             self._filter_hook_impl = HashtableHookFactory.create_filter_hook(self, filter_hook)
-            self.store.attach_policy(policy_key(filter_hook), self._filter_hook_impl)
+            self.store.attach_policy(policy_key(filter_hook, self._filter_hook_impl),
+                                     self._filter_hook_impl)
         else:
             self._filter_hook_impl = nn.Identity()
         self._register_state_dict_hook(_put_table_in_state_dict)
@@ -297,6 +305,13 @@ class HashTable(nn.Module):
     @property
     def filter_hook(self) -> FilterHook | None:
         return self._filter_hook
+
+    @property
+    def grad_anchor(self) -> Tensor:
+        """A tensor that requires grad, for autograd functions over this table's rows: their
+        outputs come from kernels run without autograd, so they take it as an input to make
+        backward reach them."""
+        return self._backward_holder
 
     def initializer(self) -> Initializer:
         return self._initializer
@@ -374,8 +389,12 @@ class HashTable(nn.Module):
         the same length. The embeddings are read by :meth:`gather` or a fused combiner; hold
         :meth:`lookup_lock` around both so that no other thread moves rows in between.
         """
-        policy = self.admit_policy(admit_hook) if admit_hook is not None else None
+        if admit_hook is not None and not isinstance(admit_hook, AdmitHook):
+            raise TypeError(f"admit_hook must be an AdmitHook, got {type(admit_hook).__name__}")
         training = self._writable
+        # admission only matters when the lookup may insert (and attaching a new policy
+        # needs the write lock, which a read-only lookup does not hold)
+        policy = self.admit_policy(admit_hook) if admit_hook is not None and training else None
         records_grad = training and torch.is_grad_enabled()
         by_id = records_grad and self._grad_reduce_by == "id"
         with torch.no_grad():
@@ -587,7 +606,8 @@ class HashTable(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        other = state_dict.get(self._name)
+        key = prefix + _TABLE_KEY
+        other = state_dict.get(key)
         if isinstance(other, HashTable) and other is not self:
             problems = [f"{what}: {a} vs {b}" for what, a, b in (
                 ("embedding_shape", other.embedding_shape, self.embedding_shape),
@@ -600,6 +620,8 @@ class HashTable(nn.Module):
                 self.store.copy_from(other.store)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -608,10 +630,15 @@ class HashTable(nn.Module):
             impl.bind(self)
 
 
+_TABLE_KEY = "_table"  # the table's entry under its own module path
+
+
 def _put_table_in_state_dict(module: HashTable, state_dict: dict, prefix: str, local_metadata):
     # RecIS convention: the table itself appears under its bare name, for
-    # filter_out_sparse_param and the checkpoint savers.
+    # filter_out_sparse_param and the checkpoint savers; load_state_dict only shows a module
+    # the keys under its path, so the table is there too.
     state_dict[module._name] = module
+    state_dict[prefix + _TABLE_KEY] = module
     return state_dict
 
 

@@ -116,9 +116,15 @@ def live_filters() -> list[BaseFilterHookImpl]:
     return alive
 
 
-def policy_key(hook: AdmitHook | FilterHook) -> str:
-    """The key a table attaches a hook's policy under: its kind and JSON (name and params)."""
-    return f"{hook.type}:{hook}"
+def policy_key(hook: AdmitHook | FilterHook, impl: Any = None) -> str:
+    """The key a table attaches a hook's policy under (and its state is saved under).
+
+    An admission policy is keyed by its hook's JSON (name and params: other params are another
+    policy); a filter by its policy name and slot name, so that a run restarted with another
+    ``filter_step`` keeps its clock."""
+    if isinstance(hook, FilterHook):
+        return f"filter:{hook.name}:{impl.name if impl is not None else hook.name}"
+    return f"admit:{hook}"
 
 
 # -- admission ---------------------------------------------------------------------------------

@@ -1,0 +1,195 @@
+"""Every kernel of the backend interface gives the same results on the numba and the torch
+backend, on the same inputs: edge IDs, duplicates, empty inputs, rows of -1, weights, empty
+bags, zero total weights, NaN. The torch backend is the reference."""
+
+import math
+
+import pytest
+import torch
+
+from recis._core.backends import (
+    BlockList,
+    backend_for,
+    check_offsets,
+    get_backend,
+    register_backend,
+    registered_backends,
+    use_backend,
+)
+from recis._core.backends.torch_backend import TorchBackend
+
+NUMBA, TORCH = get_backend("numba"), get_backend("torch")
+EDGE_IDS = torch.tensor([0, -1, -2, 2**63 - 1, -(2**63), 2**52, 2**52 + 1, 7, 7, -1, 0, 2**62])
+
+
+def blocks_of(values: torch.Tensor, block_size: int) -> BlockList:
+    blocks = BlockList(block_size, values.shape[1], values.dtype, "cpu")
+    for start in range(0, values.shape[0], block_size):
+        blocks.append(values[start:start + block_size].clone())
+    return blocks
+
+
+def as_dense(blocks: BlockList) -> torch.Tensor:
+    return torch.cat(blocks.tensors)
+
+
+@pytest.mark.parametrize("ids", [EDGE_IDS, torch.zeros(0, dtype=torch.int64),
+                                 torch.randint(-50, 50, (5000,), generator=torch.Generator()
+                                               .manual_seed(0))])
+@pytest.mark.parametrize("with_tags", [False, True])
+def test_unique_with_inverse(ids, with_tags):
+    tags = (ids.abs() % 3) if with_tags else None
+    got = [b.unique_with_inverse(ids, tags) for b in (NUMBA, TORCH)]
+    for a, b in zip(got[0], got[1], strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    uniq, uniq_tags, inverse = got[0]
+    assert torch.equal(uniq[inverse], ids)
+    if with_tags:
+        assert torch.equal(uniq_tags[inverse], tags)
+
+
+def test_map_kernels_assign_the_same_rows():
+    results = {}
+    for backend in (NUMBA, TORCH):
+        table = backend.map_new(64, torch.device("cpu"))
+        uniq = torch.unique(EDGE_IDS)
+        free = torch.tensor([9, 4, 2])  # sorted descending: 2 is handed out first
+        rows, n_new, n_free, next_row, reused = backend.map_lookup_or_insert(
+            table, uniq, None, free, 3, 100)
+        looked = backend.map_lookup(table, torch.cat([uniq, torch.tensor([123])]), None)
+        freed = backend.map_delete(table, torch.tensor([7, 7, 555, 0]), None)
+        rows2, *state2 = backend.map_lookup_or_insert(table, torch.tensor([7, 8]), None,
+                                                      torch.zeros(0, dtype=torch.int64), 0,
+                                                      next_row)
+        rebuilt = backend.map_rebuild(table, 128)
+        after = backend.map_lookup(rebuilt, torch.cat([uniq, torch.tensor([8])]), None)
+        tagged = backend.map_lookup_or_insert(table, torch.tensor([7, 7]),
+                                              torch.tensor([1, 2]),
+                                              torch.zeros(0, dtype=torch.int64), 0, 500)[0]
+        results[backend.name] = (rows, n_new, n_free, next_row, reused, looked, freed, rows2,
+                                 state2, after, tagged)
+    for a, b in zip(results["numba"], results["torch"], strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    rows, n_new, n_free, *_ = results["torch"]
+    assert rows[:3].tolist() == [2, 4, 9] and n_new == len(torch.unique(EDGE_IDS))
+    assert results["torch"][6].tolist()[1:] == [-1, -1, results["torch"][6][3].item()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.int64])
+def test_gather_and_scatter(dtype):
+    gen = torch.Generator().manual_seed(1)
+    values = (torch.randn(48, 3, generator=gen) * 100).to(dtype)
+    if dtype.is_floating_point:
+        values[5, 1] = math.nan
+    rows = torch.tensor([5, -1, 0, 47, 17, 5])
+    outs, stores = [], []
+    for backend in (NUMBA, TORCH):
+        blocks = blocks_of(values, 16)
+        out = torch.empty(rows.numel(), 3, dtype=dtype)
+        outs.append(backend.gather(blocks, rows, out).clone())
+        backend.scatter(blocks, torch.tensor([1, -1, 47]), torch.arange(9).view(3, 3).to(dtype))
+        backend.scatter(blocks, torch.tensor([2, 3]), torch.full((1, 3), 7).to(dtype))
+        stores.append(as_dense(blocks))
+        empty = backend.gather(blocks, torch.zeros(0, dtype=torch.int64),
+                               torch.empty(0, 3, dtype=dtype))
+        assert empty.shape == (0, 3)
+    assert torch.equal(outs[0], outs[1]) or torch.allclose(outs[0], outs[1], equal_nan=True)
+    assert torch.equal(outs[0][1], torch.zeros(3, dtype=dtype))
+    torch.testing.assert_close(stores[0], stores[1], equal_nan=True, rtol=0, atol=0)
+    assert stores[1][2].tolist() == [7, 7, 7]
+
+
+def _bags(gen, num_bags, max_len, num_unique):
+    lengths = torch.randint(0, max_len + 1, (num_bags,), generator=gen)
+    lengths[:1] = 0  # an empty bag
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    inverse = torch.randint(0, num_unique, (int(offsets[-1]),), generator=gen)
+    return offsets, inverse
+
+
+@pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("num_bags", [0, 1, 300])
+def test_bag_reduce_and_its_backward(mean, weighted, num_bags):
+    gen = torch.Generator().manual_seed(2)
+    values = torch.randn(64, 5, dtype=torch.float64, generator=gen)
+    values[3, 2] = math.nan
+    rows = torch.randint(0, 64, (30,), generator=gen)
+    rows[4] = -1  # not admitted: reads as zeros
+    offsets, inverse = _bags(gen, num_bags, 12, 30)
+    weights = None
+    if weighted:
+        weights = torch.rand(inverse.numel(), dtype=torch.float64, generator=gen)
+        if num_bags > 2:
+            weights[offsets[2]:offsets[3]] = 0.0  # zero total weight -> 0 for mean
+    grad_out = torch.randn(num_bags, 5, dtype=torch.float64, generator=gen)
+    outs, grads = [], []
+    for backend in (NUMBA, TORCH):
+        out = torch.empty(num_bags, 5, dtype=torch.float64)
+        outs.append(backend.bag_reduce(blocks_of(values, 16), rows, inverse, offsets, weights,
+                                       mean, out))
+        grads.append(backend.bag_reduce_backward(inverse, offsets, weights, mean, grad_out, 30))
+    torch.testing.assert_close(outs[0], outs[1], equal_nan=True)
+    torch.testing.assert_close(grads[0], grads[1])
+    # the reference against plain torch: gather the rows, then an explicit loop
+    unique = values[rows.clamp(min=0)] * (rows >= 0)[:, None]
+    for b in range(num_bags):
+        sel = slice(int(offsets[b]), int(offsets[b + 1]))
+        w = weights[sel] if weighted else torch.ones(sel.stop - sel.start, dtype=torch.float64)
+        expect = (w[:, None] * unique[inverse[sel]]).sum(0)
+        if mean:
+            expect = expect / w.sum() if w.sum() != 0 else torch.zeros(5, dtype=torch.float64)
+        torch.testing.assert_close(outs[1][b], expect, equal_nan=True)
+
+
+def _optimizer_state(gen, n=64, width=6):
+    return [torch.randn(n, width, dtype=torch.float64, generator=gen) for _ in range(3)]
+
+
+@pytest.mark.parametrize("kernel", ["adam", "adagrad", "sgd", "sgd_momentum"])
+def test_optimizer_updates(kernel):
+    gen = torch.Generator().manual_seed(3)
+    emb, m, v = _optimizer_state(gen)
+    v = v.abs()
+    rows = torch.randperm(64, generator=gen)[:20]
+    grad = torch.randn(20, 6, dtype=torch.float64, generator=gen)
+    results = []
+    for backend in (NUMBA, TORCH):
+        e_b, m_b, v_b = (blocks_of(x, 16) for x in (emb, m, v))
+        if kernel == "adam":
+            backend.adam_update(e_b, m_b, v_b, rows, grad, decay=0.99, beta1=0.9, beta2=0.999,
+                                alpha=0.01, eps=1e-8, l2=0.1)
+        elif kernel == "adagrad":
+            backend.adagrad_update(e_b, v_b, rows, grad, clr=0.1, eps=1e-10, l2=0.01)
+        else:
+            momentum = 0.9 if kernel == "sgd_momentum" else 0.0
+            backend.sgd_update(e_b, m_b if momentum else None, rows, grad, lr=0.1,
+                               momentum=momentum, l2=0.01, nesterov=momentum > 0)
+        results.append([as_dense(x) for x in (e_b, m_b, v_b)])
+    for a, b in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    untouched = torch.ones(64, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(results[1][0][untouched], emb[untouched])  # lazy: other rows stay
+    assert not torch.equal(results[1][0][rows], emb[rows])
+
+
+@pytest.mark.parametrize("offsets, match", [
+    ([0, 2, 9], "end at the number of IDs"), ([0, 3, 1, 4], "non-decreasing"),
+    ([1, 4], "start at 0"), ([], "non-empty"),
+])
+def test_offsets_are_checked_before_any_kernel(offsets, match):
+    with pytest.raises(ValueError, match=match):
+        check_offsets(torch.tensor(offsets, dtype=torch.int64), 4)
+
+
+def test_backend_choice_and_registry():
+    assert backend_for("cpu") is NUMBA
+    with use_backend("torch"):
+        assert backend_for("cpu") is TORCH
+    assert backend_for("cpu") is NUMBA
+    with pytest.raises(ValueError, match="Unknown kernel backend 'nope'; registered"):
+        get_backend("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        register_backend("torch", TorchBackend)
+    assert {"numba", "torch"} <= set(registered_backends())
