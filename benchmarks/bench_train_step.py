@@ -32,6 +32,7 @@ are new keys (the table grows; information only).
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
@@ -55,16 +56,26 @@ from _common import (
 )
 from torch import nn
 
+from recis._core.rwlock import RWLock
 from recis.nn import DynamicEmbedding, EmbeddingOption
 from recis.nn.modules.hashtable import filter_out_sparse_param
 from recis.optim import SparseAdagrad, SparseAdam
 
 TARGET_VS_TORCHREC = 1.0
+TARGET_LOCK_COST = 1.03
+NO_LOCKS = "ours + SparseAdagrad, table locks off (info)"
 TARGET_ADAM_VS_TORCH = 0.5
 LR_ADAGRAD = 0.01
 LR_ADAM = 1e-3
 N_WARM_BATCHES = 8
 FILL_CHUNK = 100_000
+
+
+@contextlib.contextmanager
+def _no_lock(self):
+    yield
+
+
 # Wrapped in the phase pass (exclusive time; absent ones are skipped).
 PROFILE_TARGETS = [
     ("recis.nn.modules.hashtable", "HashTable", "grad_rows"),
@@ -255,8 +266,25 @@ def main() -> None:
 
         return run
 
+    def without_locks(c: Candidate):
+        """The same step with the tables' readers-writer locks replaced by no-ops: what
+        thread safety costs a single-threaded step."""
+        def run() -> float:
+            saved = RWLock.read, RWLock.write
+            RWLock.read = RWLock.write = _no_lock
+            try:
+                a = time.perf_counter()
+                c.step(state["b"])
+                return time.perf_counter() - a
+            finally:
+                RWLock.read, RWLock.write = saved
+
+        return run
+
+    timers = {c.name: timer(c) for c in cands}
+    timers[NO_LOCKS] = without_locks(ada)
     t1 = time.perf_counter()
-    s = interleaved({c.name: timer(c) for c in cands}, repeats, warmup, pick)
+    s = interleaved(timers, repeats, warmup, pick)
     n_uniq = sum(torch.unique(b[0]).numel() for b in warm) / len(warm)
     print(f"\n-- warm (steady state): {len(warm)} batches, mean U={n_uniq:,.0f} unique IDs of "
           f"N={BATCH * IDS_PER_ROW}; full step ms (median), paired ratio ours/candidate "
@@ -268,6 +296,7 @@ def main() -> None:
                      f"{paired_ratio(s[ref_name], s[c.name]):.2f}" if c.name != ref_name else "-",
                      "ours SparseAdam" if ref_name == adam.name else "ours SparseAdagrad"])
     print_table(["candidate", "step ms", "ours/cand", "ours is"], rows)
+
 
     # -- phase breakdown --------------------------------------------------------------------
     print(f"\n-- phase breakdown of our steps (separate pass, {n_phase} steps each, medians ms)")
@@ -344,6 +373,9 @@ def main() -> None:
     target_line("train step ours SparseAdam / EmbeddingBag(sparse) + torch SparseAdam",
                 paired_ratio(s[adam.name], s[cands[3].name]), "<=", TARGET_ADAM_VS_TORCH,
                 f"{TARGET_ADAM_VS_TORCH}x")
+    target_line("thread safety: ours SparseAdagrad step with locks / with no-op locks",
+                paired_ratio(s[ada.name], s[NO_LOCKS]), "<=", TARGET_LOCK_COST,
+                f"{TARGET_LOCK_COST}x")
     info = [f"ours Adagrad / EmbeddingBag dense + Adagrad "
             f"{paired_ratio(s[ada.name], s[cands[2].name]):.2f}x",
             f"ours Adagrad / EmbeddingBag sparse + Adagrad "
