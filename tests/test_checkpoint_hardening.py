@@ -19,8 +19,10 @@ import torch
 from safetensors import safe_open
 
 from recis.nn import HashTable
+from recis.nn.hashtable_hook import FilterHook
 from recis.nn.initializers import NormalInitializer
-from recis.serialize import CheckpointError, Loader, Saver
+from recis.nn.modules.hashtable import gen_slice
+from recis.serialize import CheckpointError, CheckpointReader, Loader, Saver
 
 DIM = 4
 DATA = "sparse-00000-of-00001.safetensors"
@@ -39,6 +41,20 @@ def filled(name="t", n=100, **kw):
     table.delete(torch.arange(0, n, 7))
     table.set_slot_values("m", table.ids_map()[1], torch.rand(len(table), DIM))
     return table
+
+
+def same_table(a, b):
+    ids_a, rows_a = a.ids_map()
+    ids_b, rows_b = b.ids_map()
+    assert torch.equal(ids_a, ids_b) and torch.equal(rows_a, rows_b)
+    for slot in a.slot_names:
+        assert torch.equal(a.slot_values(slot, rows_a), b.slot_values(slot, rows_b)), slot
+
+
+def by_id(table, child=None):
+    ids, rows = table.ids_map(child)
+    return {i: {s: table.slot_values(s, rows[k : k + 1])[0] for s in table.slot_names}
+            for k, i in enumerate(ids.tolist())}
 
 
 def reseal(index):
@@ -76,6 +92,104 @@ def run_with_timeout(fn, seconds=10.0):
     thread.start()
     thread.join(seconds)
     return thread.is_alive(), result
+
+
+# -- 1. names with '/', '.', '@', '%' ---------------------------------------------------------
+
+ODD_NAMES = ["user/id", "user.id", "@user", "a@b.layout", "100%", "p%2Fq", "with space",
+             "ünï/名前.é"]
+
+
+def odd_table(name, slice=None):  # noqa: A002 - HashTable's argument name
+    table = HashTable([DIM], block_size=8, name=name, slice=slice, initializer=NormalInitializer(
+        generator=torch.Generator().manual_seed(0)),
+        filter_hook=FilterHook("GlobalStepFilter", {"filter_step": 5, "name": "step.filter"}))
+    table.add_slot("m.v", [DIM], torch.float32, 0.0)
+    return table
+
+
+def odd_fill(table, ids):
+    table(ids)
+    table.set_slot_values("m.v", table.ids_map()[1], ids.float()[:, None].expand(-1, DIM) / 7)
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_names_with_key_separators_round_trip_exactly(tmp_path, name):
+    a = odd_table(name)
+    odd_fill(a, torch.arange(100))
+    a.delete(torch.arange(0, 100, 9))
+    Saver(path=str(tmp_path / "c"), hashtables={name: a}).save()
+    b = odd_table(name)
+    b(torch.tensor([1000]))
+    Loader(str(tmp_path / "c"), {name: b}).load()
+    assert len(b) == len(a)
+    same_table(a, b)
+    assert torch.equal(a(torch.arange(200, 220)), b(torch.arange(200, 220)))
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_names_with_key_separators_survive_resharding(tmp_path, name):
+    full = odd_table(name)
+    odd_fill(full, torch.arange(0, 300_000, 997))
+    path = str(tmp_path / "c")
+    full._filter_hook_impl.update_step(3)
+    full(torch.arange(0, 300_000, 997 * 3))  # stamps 3 in the filter slot of some rows
+    for k in range(2):
+        shard = odd_table(name, slice=gen_slice(k, 2))
+        ids, rows = full.ids_map()
+        mine = torch.tensor([gen_slice(k, 2).slice_begin <= i % 65536 < gen_slice(k, 2).slice_end
+                             for i in ids.tolist()])
+        shard.insert(ids[mine], full.slot_values("embedding", rows[mine]))
+        for slot in ("m.v", "step.filter"):
+            shard.set_slot_values(slot, shard.ids_map()[1], full.slot_values(slot, rows[mine]))
+        assert 0 < len(shard) < len(full)
+        Saver(shard_index=k, shard_num=2, path=path, hashtables={name: shard}).save()
+    target = odd_table(name)
+    Loader(path, {name: target}).load()
+    want, got = by_id(full), by_id(target)
+    assert got.keys() == want.keys()
+    assert {int(v["step.filter"]) for v in want.values()} == {0, 3}
+    for i in want:
+        for slot in ("embedding", "m.v", "step.filter"):
+            assert torch.equal(got[i][slot], want[i][slot]), (i, slot)
+
+
+def test_coalesced_children_with_odd_names_round_trip(tmp_path):
+    children = ["a/b", "@a.layout", "c%d.e"]
+    def build(seed=0):
+        return HashTable([DIM], block_size=8, name="phys/x.y", coalesced=True,
+                         children=children, initializer=NormalInitializer(
+                             generator=torch.Generator().manual_seed(seed)))
+    a = build()
+    for i, child in enumerate(children):
+        a.insert(torch.arange(10) + i, torch.full((10, DIM), float(i)), child=child)
+    Saver(path=str(tmp_path / "c"), hashtables={"x": a}).save()
+    b = build(seed=1)
+    Loader(str(tmp_path / "c"), {"x": b}).load()
+    same_table(a, b)
+    for child in children:
+        assert torch.equal(a.ids(child), b.ids(child))
+        assert torch.equal(a.embeddings(child), b.embeddings(child))
+    reader = CheckpointReader(str(tmp_path / "c"))
+    for child in children:
+        assert torch.equal(reader.read_tensor(f"{child}@id").sort().values,
+                           a.ids(child).sort().values)
+
+
+def test_reader_shows_unescaped_names_and_ordinary_keys_stay_recis_style(tmp_path):
+    a = odd_table("user/emb.v1")
+    odd_fill(a, torch.arange(5))
+    b = make_table("user_emb")
+    b(torch.arange(3))
+    Saver(path=str(tmp_path / "c"), hashtables={"a": a, "b": b}).save()
+    names = CheckpointReader(str(tmp_path / "c")).tensor_names()
+    for field in ("id", "embedding", "step.filter", "m.v"):
+        assert f"user/emb.v1@{field}" in names
+    assert "user_emb@m" in names
+    with safe_open(str(tmp_path / "c" / DATA), "pt") as f:
+        keys = set(f.keys())
+    assert {"user_emb.id/part_0_1", "user_emb.embedding/part_0_1", "user_emb.m/part_0_1"} <= keys
+    assert all(k.count("/") == 1 for k in keys)
 
 
 # -- 3. paths out of the checkpoint, special files, headers ------------------------------------

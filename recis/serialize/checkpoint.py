@@ -14,6 +14,14 @@ the directory is renamed to its final name by the last shard to finish, after ``
 is in place; a process killed at any moment leaves either no checkpoint or a complete one.
 Loading checks every file's size and CRC-32 before anything is written into a table.
 
+Keys: ``<child>.<field>/part_<shard>_<shard_num>`` for the rows of a logical table (child) and
+``@<table>.<record>.<field>/part_...`` for a physical table's records (``unused`` rows,
+allocator ``layout``, initializer ``rng``, admission state ``admit_<tag>``). Names are escaped
+so that ``/``, ``.``, ``@`` and ``%`` in them cannot break a key: each of these four
+characters becomes ``%2F``, ``%2E``, ``%40``, ``%25``; other characters (spaces, unicode)
+are kept, so ordinary names (``user_emb``, ``embedding``, ``sparse_adamw_exp_avg``) give
+RecIS's key names unchanged.
+
 Incremental checkpoints (``Saver.save(incremental=True)``) hold only the rows written since the
 previous save of the same tables and the IDs removed since then (``<child>.deleted_id``), and
 name their ``base``; loading follows the chain back to a full checkpoint. :func:`compact`
@@ -34,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -72,8 +81,52 @@ def _shard_index(shard: int, shard_num: int) -> str:
     return f"index-{shard:05d}-of-{shard_num:05d}.json"
 
 
+_ESCAPES = {"%": "%25", "/": "%2F", ".": "%2E", "@": "%40"}
+_TO_ESCAPE = re.compile("[%/.@]")
+_ESCAPED = r"(?:[^%/.@]|%(?:25|2F|2E|40))*"  # what _esc produces, and only that
+_UNESCAPE = re.compile("%(25|2F|2E|40)")
+_KEY = re.compile(rf"(?P<group>@{_ESCAPED}\.[A-Za-z0-9_]+|{_ESCAPED})\.(?P<field>{_ESCAPED})"
+                  r"/part_(?P<shard>0|[1-9][0-9]*)_(?P<num>[1-9][0-9]*)")
+_RECORD_GROUP = re.compile(rf"@(?P<physical>{_ESCAPED})\.(?P<record>[A-Za-z0-9_]+)")
+
+
+def _esc(name: str) -> str:
+    """A name as it appears in keys: ``%``, ``/``, ``.``, ``@`` percent-encoded, the rest kept."""
+    return _TO_ESCAPE.sub(lambda m: _ESCAPES[m.group()], name)
+
+
+def _unesc(text: str) -> str:
+    return _UNESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+
+
 def _key(child: str, field: str, shard: int, shard_num: int) -> str:
-    return f"{child}.{field}/part_{shard}_{shard_num}"
+    """Key of a logical table's (child's) field: ``<child>.<field>/part_<shard>_<shard_num>``."""
+    return _gkey(_esc(child), field, shard, shard_num)
+
+
+def _gkey(group: str, field: str, shard: int, shard_num: int) -> str:
+    """Key of a field of an (escaped) group: :func:`_esc` of a child, or :func:`_rec`."""
+    return f"{group}.{_esc(field)}/part_{shard}_{shard_num}"
+
+
+def _rec(physical: str, record: str) -> str:
+    """Group of a physical table's record (``unused``, ``layout``, ``rng``, ``admit_<tag>``)."""
+    return f"@{_esc(physical)}.{record}"
+
+
+def _parse_key(key: str) -> tuple[str, str, int, int] | None:
+    """``(group, field, shard, shard_num)`` of a sparse key (group escaped, field not), or None
+    if ``key`` is not one."""
+    m = _KEY.fullmatch(key)
+    if m is None:
+        return None
+    return m["group"], _unesc(m["field"]), int(m["shard"]), int(m["num"])
+
+
+def _display(group: str) -> str:
+    """A group's unescaped name: the child's name, or ``@<table>.<record>``."""
+    m = _RECORD_GROUP.fullmatch(group)
+    return _unesc(group) if m is None else f"@{_unesc(m['physical'])}.{m['record']}"
 
 
 def _staging(path: str) -> str:
@@ -186,18 +239,18 @@ class Saver:
                     data[_key(child, field, k, n)] = values.cpu()
             # what an exact restore needs besides the live rows: rows without an ID (their
             # values are what new IDs will get), the allocator state and the RNG state
-            phys = "@" + table.name
+            phys = "@" + _esc(table.name)
             for field, values in table.export_unused(written, snapshot).items():
-                data[_key(phys + ".unused", field, k, n)] = values.cpu()
+                data[_gkey(phys + ".unused", field, k, n)] = values.cpu()
             for field, values in table.layout().items():
-                data[_key(phys + ".layout", field, k, n)] = values
+                data[_gkey(phys + ".layout", field, k, n)] = values
             gen = getattr(table.initializer(), "generator", None)
             if gen is not None:
-                data[_key(phys + ".rng", "state", k, n)] = gen.get_state()
+                data[_gkey(phys + ".rng", "state", k, n)] = gen.get_state()
             for hook_str, impl in table._admit_impls.items():  # admission policies' state
                 tag = hashlib.sha1(hook_str.encode()).hexdigest()[:12]
                 for field, value in impl.state_dict().items():
-                    data[_key(f"{phys}.admit_{tag}", field, k, n)] = value.cpu()
+                    data[_gkey(f"{phys}.admit_{tag}", field, k, n)] = value.cpu()
                 admit_hooks.setdefault(table.name, {})[tag] = hook_str
         if self.filter_func is not None:
             keep = set(self.filter_func(list(data)))
@@ -298,15 +351,21 @@ def chain(path: str) -> list[str]:
 
 
 def _read_sparse(path: str, index: dict) -> dict[str, dict[str, list[Tensor]]]:
-    """child -> field -> [tensor per shard part], after checking every file."""
+    """group -> field -> [tensor per shard part], after checking every file.
+
+    Groups are escaped (:func:`_esc` of a child's name, :func:`_rec` of a physical table's
+    record), so no name can collide with another; fields are the slot names, unescaped."""
     out: dict[str, dict[str, list[Tensor]]] = {}
     for fname, expected in sorted(index["files"].items()):
         if fname == DENSE_FILE:
             continue
         for key, t in read_safetensors(os.path.join(path, fname), expected).items():
-            name, _, _ = key.partition("/")
-            child, _, field = name.rpartition(".")
-            out.setdefault(child, {}).setdefault(field, []).append(t)
+            parsed = _parse_key(key)
+            if parsed is None:
+                raise CheckpointError(f"checkpoint file {os.path.join(path, fname)}: "
+                                      f"{key!r} is not a checkpoint key")
+            group, field, _, _ = parsed
+            out.setdefault(group, {}).setdefault(field, []).append(t)
     return out
 
 
@@ -447,7 +506,7 @@ class _RowReplay:
     """
 
     def __init__(self, physical: str, children: list[str], device: torch.device):
-        self.phys, self.children, self.device = "@" + physical, children, device
+        self.phys, self.children, self.device = "@" + _esc(physical), children, device
         self.owned = torch.zeros(0, dtype=torch.bool, device=device)
         self.owner_id = torch.zeros(0, dtype=torch.int64, device=device)
         self.owner_tag = torch.zeros(0, dtype=torch.int64, device=device)
@@ -469,7 +528,7 @@ class _RowReplay:
             self.owner_id = torch.cat([self.owner_id, self.owner_id.new_zeros(extra)])
             self.owner_tag = torch.cat([self.owner_tag, self.owner_tag.new_zeros(extra)])
         groups = [(content.get(self.phys + ".unused", {}), None)]
-        groups += [(content.get(c, {}), i) for i, c in enumerate(self.children)]
+        groups += [(content.get(_esc(c), {}), i) for i, c in enumerate(self.children)]
         for fields, idx in groups:
             if "row" not in fields:
                 continue
@@ -525,7 +584,7 @@ def _restore_admission(table: HashTable, content: dict, admit_hooks: Mapping) ->
     for tag, hook_str in admit_hooks.get(table.name, {}).items():
         spec = json.loads(hook_str)
         impl = table._admit_impl(AdmitHook(spec["name"], spec["params"]))
-        fields = content.get(f"@{table.name}.admit_{tag}", {})
+        fields = content.get(_rec(table.name, f"admit_{tag}"), {})
         impl.load_state_dict({f: _cat(fields, f).to(table.device) for f in fields})
 
 
@@ -533,7 +592,7 @@ def _merge_by_id(contents: list[dict], child: str) -> dict[str, Tensor] | None:
     """A child's live rows after a chain, by ID: ``{"id": ..., slot: ...}`` (None if absent)."""
     cur = None
     for content in contents:
-        fields = content.get(child)
+        fields = content.get(_esc(child))
         if fields is None:
             continue
         if "deleted_id" in fields and cur is not None:
@@ -577,7 +636,8 @@ class CheckpointReader:
     """Read-only view of a checkpoint: names, shapes, dtypes and values of its tensors.
 
     Sparse tensors are named ``child@field`` (``field`` is ``id`` or a slot), concatenated over
-    shards; dense tensors by their name. Example::
+    shards, with the names as given (unescaped); a physical table's records are
+    ``@table.record@field``; dense tensors by their name. Example::
 
         r = CheckpointReader("ckpt/ckpt_000100")
         r.tensor_names()                   # ['item@embedding', 'item@id', ..., 'dense.weight']
@@ -591,13 +651,17 @@ class CheckpointReader:
 
     def _all(self) -> dict[str, Tensor]:
         if self._cache is None:
-            out = {}
-            for child, fields in _read_sparse(self.path, self.index).items():
+            named = []
+            for group, fields in _read_sparse(self.path, self.index).items():
                 for field, parts in fields.items():
-                    out[f"{child}@{field}"] = torch.cat(parts)
+                    named.append((f"{_display(group)}@{field}", torch.cat(parts)))
             if DENSE_FILE in self.index["files"]:
-                out.update(read_safetensors(os.path.join(self.path, DENSE_FILE),
-                                            self.index["files"][DENSE_FILE]))
+                named += read_safetensors(os.path.join(self.path, DENSE_FILE),
+                                          self.index["files"][DENSE_FILE]).items()
+            out = dict(named)
+            if len(out) != len(named):
+                raise CheckpointError(f"{self.path}: two tensors have the same name "
+                                      "(a table named like another's records or a dense tensor)")
             self._cache = out
         return self._cache
 
@@ -651,7 +715,7 @@ def compact(path: str, out: str) -> str:
 
         for content in contents:
             replay.apply(content, write, grow)
-        phys = "@" + phys_name
+        phys = "@" + _esc(phys_name)
         for idx, child in enumerate(kids):
             rows = replay.live(idx)
             data[_key(child, "id", 0, 1)] = replay.owner_id[rows]
@@ -659,17 +723,17 @@ def compact(path: str, out: str) -> str:
             for s, values in storage.items():
                 data[_key(child, s, 0, 1)] = values[rows]
         rows = (~replay.owned).nonzero().squeeze(1)
-        data[_key(phys + ".unused", "row", 0, 1)] = rows
+        data[_gkey(phys + ".unused", "row", 0, 1)] = rows
         for s, values in storage.items():
-            data[_key(phys + ".unused", s, 0, 1)] = values[rows]
+            data[_gkey(phys + ".unused", s, 0, 1)] = values[rows]
         for f, v in replay.layout.items():
-            data[_key(phys + ".layout", f, 0, 1)] = v
+            data[_gkey(phys + ".layout", f, 0, 1)] = v
         if replay.rng is not None:
-            data[_key(phys + ".rng", "state", 0, 1)] = replay.rng
+            data[_gkey(phys + ".rng", "state", 0, 1)] = replay.rng
         for name, fields in contents[-1].items():  # admission policies' state, as last saved
             if name.startswith(phys + ".admit_"):
                 for f in fields:
-                    data[_key(name, f, 0, 1)] = _cat(fields, f)
+                    data[_gkey(name, f, 0, 1)] = _cat(fields, f)
     if os.path.exists(out):
         raise CheckpointError(f"{out} already exists")
     staging = _staging(out)
