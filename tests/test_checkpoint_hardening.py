@@ -278,3 +278,20 @@ def test_header_shape_forgery_is_detected(tmp_path):
                           f'"shape":[{DIM},{rows}]')  # same size, other shape
     edit_index(path, lambda ix: ix["files"][DATA].update(crc32=crc))
     _must_reject(path, f"{DATA}.*shape")
+
+
+# -- 5. slots dropped by a save's filter_func --------------------------------------------------
+
+def test_slots_dropped_by_filter_func_are_reported_missing(tmp_path):
+    a = filled()
+    path = str(tmp_path / "c")
+    Saver(path=path, hashtables={"t": a},
+          filter_func=lambda keys: [k for k in keys if not k.startswith("t.m/")]).save()
+    index = json.loads(open(os.path.join(path, "index.json")).read())
+    assert "m" not in index["tables"]["t"]["slots"]
+    with pytest.raises(CheckpointError, match=r"Missing: \['t.m'\]"):
+        Loader(path, {"t": make_table()}).load()
+    b = make_table()
+    report = Loader(path, {"t": b}, strict=False).load()
+    assert report == {"missing": ["t.m"], "unexpected": []}
+    assert torch.equal(b.ids().sort().values, a.ids().sort().values)

@@ -161,15 +161,33 @@ def _children(tables: Mapping[str, HashTable]) -> dict[str, tuple[HashTable, int
     return out
 
 
-def _table_info(table: HashTable) -> dict:
+def _written(data: Mapping[str, Tensor]) -> dict[str, set[str]]:
+    """Escaped group -> the fields that ``data`` (sparse tensors by key) holds of it."""
+    out: dict[str, set[str]] = {}
+    for key in data:
+        group, field, _, _ = _parse_key(key)
+        out.setdefault(group, set()).add(field)
+    return out
+
+
+def _table_info(table: HashTable, child: str, fields: set[str]) -> dict:
+    """A logical table's entry of the index: what was written of it (``fields``: ``id``,
+    ``row``, ``deleted_id`` and slots), so a load reports a slot that was not saved (e.g.
+    dropped by ``filter_func``) as missing."""
+    if not {"id", "row"} <= fields:
+        raise ValueError(
+            f"filter_func kept {sorted(fields)} of table {child!r} but not its 'id' and 'row' "
+            "keys: rows cannot be restored without them; keep or drop a table's keys together"
+        )
     return {
         "physical": table.name,
         "embedding_shape": list(table.embedding_shape),
         "slots": {
             name: {"shape": list(table._slots.spec(name).row_shape),
                    "dtype": dtype_name(table._slots.spec(name).dtype)}
-            for name in table.slot_names
+            for name in table.slot_names if name in fields
         },
+        "fields": sorted(fields),
     }
 
 
@@ -184,7 +202,9 @@ class Saver:
         hashtables (dict[str, HashTable]): e.g. ``filter_out_sparse_param(model)``.
         tensors (dict[str, Tensor]): dense tensors, written by shard 0.
         filter_func (callable, optional): ``f(list of tensor keys) -> list`` to keep a subset
-            of the sparse tensors.
+            of the sparse tensors (keys as stored: names escaped, see the module docstring).
+            The index lists what was kept, so a strict load reports dropped slots missing;
+            a table's ``id`` and ``row`` keys must be kept or dropped with the rest of it.
 
     Example::
 
@@ -255,6 +275,9 @@ class Saver:
         if self.filter_func is not None:
             keep = set(self.filter_func(list(data)))
             data = {key: v for key, v in data.items() if key in keep}
+        written = _written(data)
+        tables_info = {c: _table_info(t, c, written[_esc(c)])
+                       for c, (t, _) in children.items() if _esc(c) in written}
         files = {_sparse_file(k, n): write_safetensors(
             os.path.join(staging, _sparse_file(k, n)), data,
             {"format": FORMAT, "version": str(FORMAT_VERSION)})}
@@ -265,7 +288,7 @@ class Saver:
                 {"format": FORMAT, "version": str(FORMAT_VERSION)})
         shard_index = {
             "files": files,
-            "tables": {c: _table_info(t) for c, (t, _) in children.items()},
+            "tables": tables_info,
             "physical": {t.name: list(t.children_hashtable) for t in self.tables.values()},
             "admit_hooks": admit_hooks,
             "rows": rows_saved,
@@ -472,6 +495,7 @@ class Loader:
                 and all(ix["shard_num"] == 1 for ix in indexes)
                 and last["physical"].get(table.name) == kids
                 and table.slice == Slice(0, SLICE_SIZE, SLICE_SIZE)
+                and all(_rec(table.name, "layout") in c for c in contents)  # not filtered out
             )
             if exact:
                 _restore_exact(table, contents)
@@ -697,9 +721,16 @@ def compact(path: str, out: str) -> str:
     contents = [_read_sparse(p, ix) for p, ix in zip(paths, indexes, strict=True)]
     data: dict[str, Tensor] = {}
     for phys_name, kids in last["physical"].items():
-        slots = last["tables"][kids[0]]["slots"]
+        kept = [c for c in kids if c in last["tables"]]
+        if not kept:  # a save's filter_func dropped the whole table
+            continue
+        if not all(_rec(phys_name, "layout") in c for c in contents):
+            raise CheckpointError(f"compact() needs the allocator layout of table {phys_name!r} "
+                                  "in every checkpoint of the chain; a filter_func dropped it")
+        slots = last["tables"][kept[0]]["slots"]
         replay = _RowReplay(phys_name, kids, torch.device("cpu"))
-        storage: dict[str, Tensor] = {}
+        storage = {s: torch.zeros(0, *info["shape"], dtype=dtype_from_name(info["dtype"]))
+                   for s, info in slots.items()}  # every slot, also of a table without rows
 
         def grow(capacity: int, storage=storage, slots=slots) -> None:
             for s, info in slots.items():
@@ -717,6 +748,8 @@ def compact(path: str, out: str) -> str:
             replay.apply(content, write, grow)
         phys = "@" + _esc(phys_name)
         for idx, child in enumerate(kids):
+            if child not in last["tables"]:  # nothing of it was saved
+                continue
             rows = replay.live(idx)
             data[_key(child, "id", 0, 1)] = replay.owner_id[rows]
             data[_key(child, "row", 0, 1)] = rows
@@ -743,9 +776,13 @@ def compact(path: str, out: str) -> str:
     if DENSE_FILE in last["files"]:
         shutil.copy2(os.path.join(paths[-1], DENSE_FILE), os.path.join(staging, DENSE_FILE))
         files[DENSE_FILE] = last["files"][DENSE_FILE]
-    rows_per_child = {c: int(data[_key(c, "id", 0, 1)].numel())
-                      for kids in last["physical"].values() for c in kids}
+    written = _written(data)
+    tables = {c: {**info, "slots": {s: v for s, v in info["slots"].items()
+                                    if s in written[_esc(c)]},
+                  "fields": sorted(written[_esc(c)])}
+              for c, info in last["tables"].items()}
+    rows_per_child = {c: int(data[_key(c, "id", 0, 1)].numel()) for c in tables}
     index = {**last, "kind": "full", "base": None, "shard_num": 1, "files": files,
-             "rows": rows_per_child}
+             "tables": tables, "rows": rows_per_child}
     _publish_dir(staging, out, index)
     return out
