@@ -8,6 +8,7 @@ what the index says), temporary files left by killed saves, and slots dropped by
 
 import json
 import os
+import random
 import shutil
 import struct
 import threading
@@ -18,10 +19,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from recis.framework.checkpoint_manager import CheckpointManager
 from recis.nn import HashTable
 from recis.nn.hashtable_hook import FilterHook
 from recis.nn.initializers import NormalInitializer
-from recis.nn.modules.hashtable import gen_slice
+from recis.nn.modules.hashtable import filter_out_sparse_param, gen_slice
+from recis.optim import SparseAdamW
 from recis.serialize import CheckpointError, CheckpointReader, Loader, Saver
 
 DIM = 4
@@ -192,6 +195,187 @@ def test_reader_shows_unescaped_names_and_ordinary_keys_stay_recis_style(tmp_pat
     assert all(k.count("/") == 1 for k in keys)
 
 
+# -- 2. index.json checksum and schema ---------------------------------------------------------
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = HashTable([DIM], block_size=8, name="emb", initializer=NormalInitializer(
+            generator=torch.Generator().manual_seed(0)),
+            filter_hook=FilterHook("GlobalStepFilter", {"filter_step": 3}))
+        self.head = torch.nn.Linear(DIM, 1)
+
+    def forward(self, ids):
+        return self.head(self.table(ids)).sum()
+
+
+def build_training():
+    torch.manual_seed(0)
+    model = Model()
+    dense = torch.optim.Adam(model.head.parameters(), lr=0.01, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.StepLR(dense, step_size=1, gamma=0.5)
+    sparse = SparseAdamW(filter_out_sparse_param(model), lr=0.05)
+    return model, dense, sched, sparse
+
+
+def manager_for(objs, out):
+    model, dense, sched, sparse = objs
+    return CheckpointManager(model, sparse, dense, sched, output_dir=str(out))
+
+
+def same_state(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b)
+        for k in a:
+            same_state(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            same_state(x, y)
+    else:
+        assert type(a) is type(b) and a == b
+
+
+def snapshot(objs, step):
+    model, dense, sched, sparse = objs
+    ids, rows = model.table.ids_map()
+    return {"step": step, "ids": ids, "rows": rows,
+            "slots": {s: model.table.slot_values(s, rows) for s in model.table.slot_names},
+            "filter": model.table._filter_hook_impl.global_step,
+            "head": dict(model.head.state_dict()), "dense": dense.state_dict(),
+            "sched": sched.state_dict(), "sparse": sparse.state_dict()}
+
+
+def trained_checkpoint(out):
+    objs = build_training()
+    model, dense, sched, sparse = objs
+    manager = manager_for(objs, out)
+    for step in range(3):
+        dense.zero_grad()
+        sparse.zero_grad()
+        model(torch.arange(step, step + 6)).backward()
+        dense.step()
+        sparse.step()
+        sched.step()
+        model.table._filter_hook_impl.update_step()
+    return manager.save(3, extra={"data": [1, 2.5, "x"]})
+
+
+def test_index_json_corruption_is_detected(tmp_path):
+    ckpt = trained_checkpoint(tmp_path)
+    index_path = os.path.join(ckpt, "index.json")
+    original = open(index_path, "rb").read()
+    objs = build_training()
+    reference = snapshot(objs, manager_for(objs, tmp_path).restore())
+    rng = random.Random(1234)
+    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\t", "\x00", "é"]
+    outcomes = {"error": 0, "same": 0}
+    indent = original.index(b"\n ") + 1  # trial -1: only whitespace changes, still loads
+    for trial in range(-1, 300):
+        pos = rng.randrange(len(original)) if trial >= 0 else indent
+        char = rng.choice([c for c in alphabet if c.encode() != original[pos : pos + 1]]
+                          ) if trial >= 0 else "\t"
+        damaged = original[:pos] + char.encode() + original[pos + 1 :]
+        with open(index_path, "wb") as f:
+            f.write(damaged)
+        objs = build_training()
+        try:
+            step = manager_for(objs, tmp_path).restore()
+        except CheckpointError:
+            outcomes["error"] += 1
+            continue
+        except Exception as e:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"trial {trial}: byte {pos} -> {char!r} raised {type(e).__name__}: {e}")
+        try:
+            assert json.loads(damaged) == json.loads(original)
+            same_state(snapshot(objs, step), reference)
+        except AssertionError:
+            pytest.fail(f"trial {trial}: byte {pos} -> {char!r} loaded a different state")
+        outcomes["same"] += 1
+    with open(index_path, "wb") as f:
+        f.write(original)
+    assert outcomes["error"] > 200 and outcomes["same"] >= 1, outcomes
+
+
+def _forged(tmp_path, edit):
+    a = filled()
+    path = str(tmp_path / "c")
+    Saver(path=path, hashtables={"t": a}, tensors={"w": torch.ones(2)}).save(extra={"s": 1})
+    edit_index(path, edit)
+    return path
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda ix: ix.pop("files"), "files"),
+    (lambda ix: ix.update(files=[]), "files"),
+    (lambda ix: ix.pop("kind"), "kind"),
+    (lambda ix: ix.update(kind="half"), "kind"),
+    (lambda ix: ix.update(shard_num="1"), "shard_num"),
+    (lambda ix: ix.update(shard_num=0), "shard_num"),
+    (lambda ix: ix["files"][DATA].pop("crc32"), "crc32"),
+    (lambda ix: ix["files"][DATA].update(bytes=-1), "bytes"),
+    (lambda ix: ix["tables"]["t"].pop("slots"), "slots"),
+    (lambda ix: ix["tables"]["t"]["slots"]["m"].update(dtype="float33"), "dtype"),
+    (lambda ix: ix["tables"]["t"].update(embedding_shape=None), "embedding_shape"),
+    (lambda ix: ix.update(tables=[1]), "tables"),
+    (lambda ix: ix.update(dense="w"), "dense"),
+    (lambda ix: ix.update(extra=[]), "extra"),
+    (lambda ix: ix.update(physical={"t": "t"}), "physical"),
+    (lambda ix: ix.update(admit_hooks={"t": {"x": "{"}}), "admit_hooks"),
+])
+def test_index_schema_faults_are_checkpoint_errors(tmp_path, edit, key):
+    path = _forged(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=key) as info:
+        Loader(path, {"t": make_table()}, tensors={"w": torch.zeros(2)}).load()
+    assert "index.json" in str(info.value)
+    with pytest.raises(CheckpointError, match=key):
+        CheckpointReader(path).tensor_names()
+
+
+def test_index_checksum_mismatch_is_detected(tmp_path):
+    path = str(tmp_path / "c")
+    Saver(path=path, hashtables={"t": filled()}).save(extra={"lr": 0.01})
+    raw = open(os.path.join(path, "index.json")).read()
+    assert "0.01" in raw and "index_checksum" in raw
+    with open(os.path.join(path, "index.json"), "w") as f:
+        f.write(raw.replace("0.01", "0.11"))
+    with pytest.raises(CheckpointError, match="index.json.*checksum"):
+        Loader(path, {"t": make_table()}).load()
+
+
+def test_index_without_checksum_is_rejected(tmp_path):
+    path = str(tmp_path / "c")
+    Saver(path=path, hashtables={"t": filled()}).save()
+    index = json.loads(open(os.path.join(path, "index.json")).read())
+    del index["index_checksum"]
+    with open(os.path.join(path, "index.json"), "w") as f:
+        json.dump(index, f)
+    with pytest.raises(CheckpointError, match="index_checksum"):
+        Loader(path, {"t": make_table()}).load()
+
+
+def test_shard_index_corruption_is_detected(tmp_path):
+    path = str(tmp_path / "c")
+    full = filled()
+    shards = [make_table(slice=gen_slice(k, 2)) for k in range(2)]
+    for k, shard in enumerate(shards):
+        ids, rows = full.ids_map()
+        keep = torch.tensor([gen_slice(k, 2).slice_begin <= i % 65536 < gen_slice(k, 2).slice_end
+                             for i in ids.tolist()])
+        shard.insert(ids[keep], full.slot_values("embedding", rows[keep]))
+    Saver(shard_index=1, shard_num=2, path=path, hashtables={"t": shards[1]}).save()
+    staging = tmp_path / ".c.partial"
+    part = staging / "index-00001-of-00002.json"
+    raw = part.read_text()
+    assert "index_checksum" in raw
+    part.write_text(raw.replace('"rows"', '"rowz"'))
+    with pytest.raises(CheckpointError, match="index-00001-of-00002.json"):
+        Saver(shard_index=0, shard_num=2, path=path, hashtables={"t": shards[0]}).save()
+    assert not (tmp_path / "c").exists()
+
+
 # -- 3. paths out of the checkpoint, special files, headers ------------------------------------
 
 def _saved(tmp_path, name="c"):
@@ -208,12 +392,51 @@ def _must_reject(path, match, table=None):
     assert table.ids().tolist() == [42]  # untouched
 
 
+@pytest.mark.parametrize("where", ["parent", "absolute", "etc_passwd"])
+def test_data_file_names_leaving_the_checkpoint_are_rejected(tmp_path, where):
+    path = _saved(tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(os.path.join(path, DATA), outside)  # a valid file: only the name is wrong
+    name = {"parent": "../outside.safetensors", "absolute": str(outside),
+            "etc_passwd": "/etc/passwd"}[where]
+
+    def edit(ix):
+        ix["files"][name] = ix["files"].pop(DATA)
+
+    edit_index(path, edit)
+    os.unlink(os.path.join(path, DATA))
+    _must_reject(path, "index.json.*files")
+
+
 def test_symlinked_data_file_is_rejected(tmp_path):
     path = _saved(tmp_path)
     outside = tmp_path / "outside.safetensors"
     shutil.move(os.path.join(path, DATA), outside)
     os.symlink(outside, os.path.join(path, DATA))
     _must_reject(path, f"{DATA}.*symbolic link")
+
+
+def _chain(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    a = filled()
+    Saver(path=str(run / "c0"), hashtables={"t": a}).save()
+    a(torch.arange(500, 510))
+    Saver(path=str(run / "c1"), hashtables={"t": a}).save(incremental=True, base="c0")
+    return run, a
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
+def test_delta_base_leaving_the_directory_is_rejected(tmp_path, where):
+    run, a = _chain(tmp_path)
+    shutil.copytree(run / "c0", tmp_path / "c0copy")  # a valid base: only the name is wrong
+    if where == "symlink":
+        os.symlink(tmp_path / "c0copy", run / "c0link")
+    base = {"parent": "../c0copy", "absolute": str(tmp_path / "c0copy"),
+            "symlink": "c0link"}[where]
+    edit_index(str(run / "c1"), lambda ix: ix.update(base=base))
+    shutil.rmtree(run / "c0")
+    _must_reject(str(run / "c1"), "base" if where != "symlink" else "symbolic link")
 
 
 def test_fifo_in_place_of_a_data_file_fails_fast(tmp_path):

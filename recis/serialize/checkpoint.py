@@ -3,8 +3,10 @@
 A checkpoint is a directory that becomes visible only when complete::
 
     ckpt_000100/
-      index.json                           format, kind (full/delta), base, files + CRC-32,
-                                           tables (children, slots, shapes, dtypes), extra
+      index.json                           format, kind (full/delta), base, files (size, CRC-32
+                                           and the dtype and shape of every tensor), tables
+                                           (children, written slots and fields), extra, and
+                                           index_checksum (SHA-256 of all the rest)
       sparse-00000-of-00002.safetensors    rows of shard 0: "<child>.id/part_0_2",
       sparse-00001-of-00002.safetensors    "<child>.<slot>/part_0_2", ... (RecIS's key names)
       dense.safetensors                    dense tensors (written by shard 0)
@@ -12,7 +14,13 @@ A checkpoint is a directory that becomes visible only when complete::
 Every file is written under a hidden staging directory ``.ckpt_000100.partial``, fsynced, and
 the directory is renamed to its final name by the last shard to finish, after ``index.json``
 is in place; a process killed at any moment leaves either no checkpoint or a complete one.
-Loading checks every file's size and CRC-32 before anything is written into a table.
+
+Loading trusts nothing it reads (see :func:`read_index` and
+:func:`recis.serialize._files.read_safetensors`): the index must carry a valid checksum and
+pass a schema check, names of files and bases must be plain names of entries inside the
+checkpoint's directory (no path, no symbolic link), data files must be regular files of the
+indexed size, CRC-32 and tensor listing; all of it is checked before anything is written into
+a table, and every fault is a :class:`CheckpointError` naming the file and the key.
 
 Keys: ``<child>.<field>/part_<shard>_<shard_num>`` for the rows of a logical table (child) and
 ``@<table>.<record>.<field>/part_...`` for a physical table's records (``unused`` rows,
@@ -45,18 +53,22 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
 
 from recis.nn.modules.hashtable import HashTable, Slice
 from recis.serialize._files import (
+    DTYPE_CODES,
     CheckpointError,
     atomic_write_json,
+    dtype_code,
     dtype_from_name,
     dtype_name,
     fsync_path,
+    is_plain_name,
+    read_regular,
     read_safetensors,
     write_safetensors,
 )
@@ -67,8 +79,9 @@ logger = Logger(__name__)
 __all__ = ["Saver", "Loader", "CheckpointReader", "CheckpointError", "compact", "FORMAT_VERSION"]
 
 FORMAT = "recis-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: index_checksum, per-file tensor listings, escaped names in keys
 INDEX = "index.json"
+CHECKSUM = "index_checksum"
 DENSE_FILE = "dense.safetensors"
 SLICE_SIZE = 65536
 
@@ -88,6 +101,7 @@ _UNESCAPE = re.compile("%(25|2F|2E|40)")
 _KEY = re.compile(rf"(?P<group>@{_ESCAPED}\.[A-Za-z0-9_]+|{_ESCAPED})\.(?P<field>{_ESCAPED})"
                   r"/part_(?P<shard>0|[1-9][0-9]*)_(?P<num>[1-9][0-9]*)")
 _RECORD_GROUP = re.compile(rf"@(?P<physical>{_ESCAPED})\.(?P<record>[A-Za-z0-9_]+)")
+_ADMIT_RECORD = re.compile("admit_[0-9a-f]{12}")
 
 
 def _esc(name: str) -> str:
@@ -236,6 +250,9 @@ class Saver:
         """
         if incremental and not base:
             raise ValueError("an incremental save needs base= (the previous checkpoint)")
+        if base is not None and not is_plain_name(base):
+            raise ValueError(f"base must be the directory name of the previous checkpoint (a "
+                             f"sibling of path, no separator, no leading dot), got {base!r}")
         if os.path.exists(self.path):
             raise CheckpointError(f"{self.path} already exists; checkpoints are never overwritten")
         children = _children(self.tables)
@@ -295,7 +312,7 @@ class Saver:
             "dense": sorted(self.tensors) if k == 0 else [],
             "extra": dict(extra or {}) if k == 0 else {},
         }
-        atomic_write_json(os.path.join(staging, _shard_index(k, n)), shard_index)
+        atomic_write_json(os.path.join(staging, _shard_index(k, n)), _sealed(shard_index))
         if torch.distributed.is_available() and torch.distributed.is_initialized() and n > 1:
             torch.distributed.barrier()
             if k == 0:
@@ -307,22 +324,26 @@ class Saver:
         return self.path
 
     def _publish(self, staging: str, incremental: bool, base: str | None) -> None:
+        """Merge the shards' index parts (each checked like an index) into ``index.json``."""
         n = self.shard_num
-        parts = []
-        for s in range(n):
-            with open(os.path.join(staging, _shard_index(s, n))) as f:
-                parts.append(json.load(f))
         index = {
             "format": FORMAT, "version": FORMAT_VERSION,
             "kind": "delta" if incremental else "full", "base": base, "shard_num": n,
             "files": {}, "tables": {}, "physical": {}, "rows": {}, "dense": [], "extra": {},
             "admit_hooks": {},
         }
-        for part in parts:
+        for s in range(n):
+            where = os.path.join(staging, _shard_index(s, n))
+            part = _checked(_load_json(where, "shard index"), where, part=(s, n))
+            for section in ("tables", "physical", "admit_hooks"):
+                for name, value in part[section].items():
+                    if index[section].setdefault(name, value) != value:
+                        raise CheckpointError(
+                            f"{where}: {section}[{name!r}] differs from another shard's "
+                            f"({value!r} vs {index[section][name]!r}): every shard must save "
+                            "the same tables with the same slots (and the same filter_func)"
+                        )
             index["files"].update(part["files"])
-            index["tables"].update(part["tables"])
-            index["physical"].update(part["physical"])
-            index["admit_hooks"].update(part.get("admit_hooks", {}))
             for child, count in part["rows"].items():
                 index["rows"][child] = index["rows"].get(child, 0) + count
             index["dense"] += part["dense"]
@@ -331,46 +352,322 @@ class Saver:
 
 
 def _publish_dir(staging: str, final: str, index: dict) -> None:
-    """Write the index last, then make the complete directory visible under its final name."""
+    """Seal the index (add its checksum), check it as a load will, write it last, then make
+    the complete directory visible under its final name."""
+    index = _sealed(index)
+    _checked(json.loads(json.dumps(index)), os.path.join(final, INDEX))  # never publish junk
     atomic_write_json(os.path.join(staging, INDEX), index)
     fsync_path(staging)
     os.rename(staging, final)  # the moment the checkpoint becomes visible
     fsync_path(os.path.dirname(os.path.abspath(final)))
 
 
-def read_index(path: str) -> dict:
-    index_path = os.path.join(path, INDEX)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"no checkpoint at {path}")
+# -- the index: checksum and schema ---------------------------------------------------------------
+
+def index_checksum(index: Mapping) -> str:
+    """SHA-256 (hex) of the canonical JSON (sorted keys, no whitespace, ASCII) of ``index``
+    without its ``index_checksum``: what an index stores under ``index_checksum``. Whitespace
+    and key order of the file do not matter; any change of a value, key or type does."""
+    body = json.loads(json.dumps({k: v for k, v in index.items() if k != CHECKSUM}))
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _sealed(index: Mapping) -> dict:
+    body = {k: v for k, v in index.items() if k != CHECKSUM}
+    return {**body, CHECKSUM: index_checksum(body)}
+
+
+def _load_json(where: str, what: str) -> Any:
+    raw = read_regular(where, what)
     try:
-        with open(index_path) as f:
-            index = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} has no {INDEX}: not a complete checkpoint") from None
-    except ValueError as e:
-        raise CheckpointError(f"{index_path} is corrupted: {e}") from None
-    if index.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a recis checkpoint (format={index.get('format')})")
-    if index.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has format version {index['version']}; this recis reads up to "
-            f"{FORMAT_VERSION}: upgrade recis"
-        )
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # also UnicodeDecodeError
+        raise CheckpointError(f"{where} is corrupted: {e}") from None
+
+
+_NOT_GIVEN = object()
+
+
+class _Schema:
+    """Checks of one index file's structure; each fault is a CheckpointError naming the file,
+    the key and what was expected."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, key: str, expected: str, value: Any = _NOT_GIVEN) -> NoReturn:
+        got = "it is missing" if value is _NOT_GIVEN else f"got {_short(value)}"
+        raise CheckpointError(f"{self.where}: {key} must be {expected}; {got}")
+
+    def get(self, obj: Mapping, name: str, key: str, expected: str,
+            ok: Callable[[Any], bool]) -> Any:
+        if name not in obj:
+            self.fail(key, expected)
+        if not ok(obj[name]):
+            self.fail(key, expected, obj[name])
+        return obj[name]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _is_count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _is_shape(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_count(d) for d in v)
+
+
+def _is_names(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v) and len(set(v)) == len(v)
+
+
+def _is_dict(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _is_admit_spec(v: Any) -> bool:
+    try:
+        spec = json.loads(v) if isinstance(v, str) else None
+    except ValueError:
+        return False
+    return (isinstance(spec, dict) and isinstance(spec.get("name"), str)
+            and isinstance(spec.get("params"), dict))
+
+
+def _checked(index: Any, where: str, part: tuple[int, int] | None = None) -> dict:
+    """``index`` if it is a valid index (``part=(shard, shard_num)``: a shard's index part)."""
+    sc = _Schema(where)
+    if not isinstance(index, dict):
+        sc.fail("the index", "a JSON object", index)
+    if CHECKSUM in index and index[CHECKSUM] != index_checksum(index):
+        raise CheckpointError(f"{where} is corrupted: its {CHECKSUM} does not match its content")
+    if part is None:
+        if index.get("format") != FORMAT:
+            raise CheckpointError(f"{where} is not a recis checkpoint index "
+                                  f"(format={_short(index.get('format'))})")
+        version = sc.get(index, "version", "version", "an integer", _is_int)
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"{where} has format version {version}; this recis reads "
+                                  f"version {FORMAT_VERSION}: upgrade recis")
+        if version < FORMAT_VERSION:
+            raise CheckpointError(
+                f"{where} has format version {version}, written by an older recis: it has no "
+                f"{CHECKSUM} nor tensor listings, which this recis requires to trust a "
+                f"checkpoint (format version {FORMAT_VERSION}); load it with the recis that "
+                "wrote it and save it again"
+            )
+    if CHECKSUM not in index:
+        sc.fail(CHECKSUM, "the SHA-256 of the rest of the index")
+    if part is None:
+        sc.get(index, "kind", "kind", "'full' or 'delta'", lambda v: v in ("full", "delta"))
+        shards = sc.get(index, "shard_num", "shard_num", "a positive integer",
+                        lambda v: _is_int(v) and v > 0)
+        if index["kind"] == "delta":
+            sc.get(index, "base", "base", "the directory name of a checkpoint next to this one "
+                   "(a plain name: no separator, no leading dot)", is_plain_name)
+        else:
+            sc.get(index, "base", "base", "null or a plain directory name",
+                   lambda v: v is None or is_plain_name(v))
+    files = sc.get(index, "files", "files", "a JSON object", _is_dict)
+    if part is None:
+        if shards > len(files):
+            sc.fail("shard_num", f"the number of sparse files ({len(files)} files)", shards)
+        expected = [_sparse_file(s, shards) for s in range(shards)]
+    else:
+        expected = [_sparse_file(*part)]
+    for name in files:
+        if not is_plain_name(name):
+            sc.fail("files", "names of files inside the checkpoint directory (plain names: "
+                    "no separator, no leading dot)", name)
+    if sorted(set(files) - {DENSE_FILE}) != expected:
+        sc.fail("files", f"the data files {expected} (and {DENSE_FILE!r})", sorted(files))
+    for name, entry in files.items():
+        key = f"files[{name!r}]"
+        sc.get(files, name, key, "a JSON object", _is_dict)
+        sc.get(entry, "crc32", f"{key}['crc32']", "a CRC-32", lambda v: _is_count(v)
+               and v < 2**32)
+        sc.get(entry, "bytes", f"{key}['bytes']", "a file size", lambda v: _is_count(v)
+               and v >= 8)
+        tensors = sc.get(entry, "tensors", f"{key}['tensors']", "a JSON object", _is_dict)
+        for tkey, info in tensors.items():
+            where_t = f"{key}['tensors'][{tkey!r}]"
+            sc.get(tensors, tkey, where_t, "a JSON object", _is_dict)
+            sc.get(info, "dtype", f"{where_t}['dtype']", f"one of {sorted(DTYPE_CODES)}",
+                   lambda v: isinstance(v, str) and v in DTYPE_CODES)
+            sc.get(info, "shape", f"{where_t}['shape']", "a list of sizes", _is_shape)
+    physical = sc.get(index, "physical", "physical", "a JSON object", _is_dict)
+    for name in physical:
+        sc.get(physical, name, f"physical[{name!r}]", "a list of distinct names", _is_names)
+    tables = sc.get(index, "tables", "tables", "a JSON object", _is_dict)
+    for child, info in tables.items():
+        key = f"tables[{child!r}]"
+        sc.get(tables, child, key, "a JSON object", _is_dict)
+        sc.get(info, "physical", f"{key}['physical']", "a table of 'physical' holding it",
+               lambda v, c=child: isinstance(v, str) and c in physical.get(v, []))
+        sc.get(info, "embedding_shape", f"{key}['embedding_shape']", "a list of positive sizes",
+               lambda v: _is_shape(v) and len(v) > 0 and all(d > 0 for d in v))
+        slots = sc.get(info, "slots", f"{key}['slots']", "a JSON object", _is_dict)
+        for slot, spec in slots.items():
+            skey = f"{key}['slots'][{slot!r}]"
+            sc.get(slots, slot, skey, "a JSON object", _is_dict)
+            sc.get(spec, "shape", f"{skey}['shape']", "a list of sizes", _is_shape)
+            sc.get(spec, "dtype", f"{skey}['dtype']", "the name of a dtype (e.g. 'float32')",
+                   lambda v: dtype_code(v) is not None)
+        need = {"id", "row", *slots}
+        sc.get(info, "fields", f"{key}['fields']", "the distinct fields written, with 'id', "
+               "'row' and every slot", lambda v, need=need: _is_names(v) and need <= set(v))
+    hooks = sc.get(index, "admit_hooks", "admit_hooks", "a JSON object", _is_dict)
+    for name, by_tag in hooks.items():
+        sc.get(hooks, name, f"admit_hooks[{name!r}]", "a JSON object", _is_dict)
+        for tag in by_tag:
+            sc.get(by_tag, tag, f"admit_hooks[{name!r}][{tag!r}]",
+                   'an admission hook as JSON ({"name": ..., "params": {...}})', _is_admit_spec)
+    rows = sc.get(index, "rows", "rows", "a JSON object", _is_dict)
+    for child in rows:
+        sc.get(rows, child, f"rows[{child!r}]", "a row count", _is_count)
+    dense = sc.get(index, "dense", "dense", "a list of tensor names", _is_names)
+    listed = sorted(files[DENSE_FILE]["tensors"]) if DENSE_FILE in files else []
+    if sorted(dense) != listed:
+        sc.fail("dense", f"the tensors listed for {DENSE_FILE!r} ({_short(listed)})", dense)
+    sc.get(index, "extra", "extra", "a JSON object", _is_dict)
+    _check_listings(sc, index)
     return index
 
 
+def _check_listings(sc: _Schema, index: dict) -> None:
+    """The sparse files' tensor listings against the tables: well-formed keys of this file's
+    part, every group known, each logical table's fields exactly as ``tables`` lists them, with
+    the slots' dtypes and row shapes, and as many rows in each of them as IDs."""
+    tables, physical = index["tables"], index["physical"]
+    seen: set[str] = set()
+    for fname, entry in index["files"].items():
+        if fname == DENSE_FILE:
+            continue
+        part = tuple(int(x) for x in re.findall("[0-9]+", fname))
+        groups: dict[str, dict[str, dict]] = {}
+        for key, info in entry["tensors"].items():
+            parsed = _parse_key(key)
+            where = f"files[{fname!r}]['tensors'][{key!r}]"
+            if parsed is None or parsed[2:] != part:
+                sc.fail(where, f"a key '<name>.<field>/part_{part[0]}_{part[1]}' with '%', '/', "
+                        "'.' and '@' in names escaped", key)
+            groups.setdefault(parsed[0], {})[parsed[1]] = info
+        for group, fields in groups.items():
+            where = f"files[{fname!r}]['tensors']"
+            rec = _RECORD_GROUP.fullmatch(group)
+            if rec is not None:
+                _check_record(sc, where, _display(group), _unesc(rec["physical"]),
+                              rec["record"], fields, physical)
+                continue
+            child = _unesc(group)
+            if child not in tables:
+                sc.fail("tables", f"an entry for every table of {where} (no {child!r})")
+            want = tables[child]
+            if set(fields) != set(want["fields"]):
+                sc.fail(f"tables[{child!r}]['fields']", f"the fields of {child!r} in {where}, "
+                        f"{sorted(fields)}", want["fields"])
+            seen.add(child)
+            n = None
+            for field, info in fields.items():
+                spec = want["slots"].get(field)
+                if spec is None:
+                    ok = info["dtype"] == "I64" and len(info["shape"]) == 1
+                    expected = "I64 of shape [n]"
+                else:
+                    ok = (info["dtype"] == dtype_code(spec["dtype"])
+                          and info["shape"][1:] == spec["shape"])
+                    expected = f"{dtype_code(spec['dtype'])} of shape [n, *{spec['shape']}]"
+                if not ok:
+                    sc.fail(f"{where}[{_key(child, field, *part)!r}]", f"{expected} (table "
+                            f"{child!r})", f"{info['dtype']} of shape {info['shape']}")
+                if field != "deleted_id" and info["shape"]:
+                    if n is not None and info["shape"][0] != n:
+                        sc.fail(f"{where}[{_key(child, field, *part)!r}]['shape']",
+                                f"[{n}, ...]: as many rows as IDs", info["shape"])
+                    n = info["shape"][0]
+    for child in tables:
+        if child not in seen:
+            sc.fail(f"tables[{child!r}]", "a table with tensors in the data files (it has none)")
+
+
+def _check_record(sc: _Schema, where: str, name: str, phys: str, record: str,
+                  fields: Mapping[str, dict], physical: Mapping) -> None:
+    """A physical table's record: the table exists; the fields an exact restore reads are there
+    with the shapes it needs."""
+    if phys not in physical:
+        sc.fail("physical", f"an entry for table {phys!r} of the records {name!r} in {where}")
+    need = {"layout": {"capacity": [1], "next_row": [1], "free": None},
+            "unused": {"row": None}, "rng": {"state": None}}.get(record)
+    if need is None:
+        if not _ADMIT_RECORD.fullmatch(record):
+            sc.fail(where, "records 'unused', 'layout', 'rng' or 'admit_<tag>'", name)
+        return
+    for field, shape in need.items():
+        info = fields.get(field)
+        if info is None:
+            sc.fail(f"{where}", f"a field {field!r} of the records {name!r}")
+        dtype = "U8" if record == "rng" else "I64"
+        if info["dtype"] != dtype or len(info["shape"]) != 1 or (
+                shape is not None and info["shape"] != shape):
+            sc.fail(f"{where}[{name + '.' + field!r}]", f"{dtype} of shape {shape or '[n]'}",
+                    f"{info['dtype']} of shape {info['shape']}")
+    if record == "unused":
+        for field, info in fields.items():
+            if not info["shape"] or info["shape"][0] != fields["row"]["shape"][0]:
+                sc.fail(f"{where}[{name + '.' + field!r}]['shape']", "[n, ...]: as many rows "
+                        "as 'row'", info["shape"])
+
+
+def read_index(path: str) -> dict:
+    """The index of the checkpoint directory ``path``, checked (a :class:`CheckpointError`
+    naming the file and the key otherwise).
+
+    Checked: ``index.json`` is a regular file (not a symbolic link, FIFO or device) holding a
+    JSON object; its ``index_checksum`` matches its content (any change to the index, other
+    than whitespace, is caught); format and version (indexes of format version 1, without a
+    checksum, are **rejected**: a checkpoint nobody can vouch for is not loaded); and the
+    schema of everything loads read: ``files`` names exactly the checkpoint's data files by
+    plain names (no path, so nothing outside the directory), each with size, CRC-32 and the
+    dtype and shape of each tensor; ``base`` is a plain name; ``tables``, ``physical``,
+    ``admit_hooks``, ``rows``, ``dense``, ``extra`` have their types, and the listings agree
+    with ``tables`` (well-formed keys, each table's fields, slot dtypes and shapes).
+    """
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    index_path = os.path.join(path, INDEX)
+    if not os.path.lexists(index_path):
+        raise CheckpointError(f"{path} has no {INDEX}: not a complete checkpoint")
+    return _checked(_load_json(index_path, "checkpoint index"), index_path)
+
+
 def chain(path: str) -> list[str]:
-    """The checkpoints to apply in order: a full one, then its deltas up to ``path``."""
+    """The checkpoints to apply in order: a full one, then its deltas up to ``path``.
+
+    A delta's ``base`` is a plain name (see :func:`read_index`) of a directory next to it; a
+    base that is a symbolic link, or a chain that comes back to a checkpoint, is rejected."""
     out = [os.path.abspath(path)]
     while True:
         index = read_index(out[0])
         if index["kind"] == "full":
             return out
-        if not index.get("base"):
-            raise CheckpointError(f"delta checkpoint {out[0]} names no base")
-        out.insert(0, os.path.join(os.path.dirname(out[0]), index["base"]))
-        if len(out) > 10_000:
-            raise CheckpointError(f"checkpoint chain of {path} does not end")
+        base = os.path.join(os.path.dirname(out[0]), index["base"])
+        if os.path.islink(base):
+            raise CheckpointError(
+                f"{os.path.join(out[0], INDEX)}: base {index['base']!r} is a symbolic link; a "
+                "base must be a checkpoint directory next to the delta"
+            )
+        if base in out:
+            raise CheckpointError(f"the checkpoint chain of {path} loops at {base}")
+        out.insert(0, base)
 
 
 def _read_sparse(path: str, index: dict) -> dict[str, dict[str, list[Tensor]]]:
