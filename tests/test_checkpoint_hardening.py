@@ -11,6 +11,8 @@ import os
 import random
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -299,6 +301,25 @@ def test_index_json_corruption_is_detected(tmp_path):
     assert outcomes["error"] > 200 and outcomes["same"] >= 1, outcomes
 
 
+@pytest.mark.parametrize("edit, key", [
+    (lambda ex: ex.update(dense_optimizer={"__tensor__": "nope"}), "dense_optimizer"),
+    (lambda ex: ex.update(dense_optimizer={"__dict__": 5}), "dense_optimizer"),
+    (lambda ex: ex.update(lr_scheduler={"__dict__": [[{"__dict__": []}, 1]]}), "lr_scheduler"),
+    (lambda ex: ex.update(sparse_optimizer={"state": 1}), "sparse_optimizer"),
+    (lambda ex: ex.update(global_step="3"), "global_step"),
+    (lambda ex: ex.pop("global_step"), "global_step"),
+])
+def test_manager_state_faults_are_checkpoint_errors(tmp_path, edit, key):
+    ckpt = trained_checkpoint(tmp_path)
+    edit_index(ckpt, lambda ix: edit(ix["extra"]))
+    objs = build_training()
+    before = snapshot(objs, None)
+    with pytest.raises(CheckpointError, match=key):
+        manager_for(objs, tmp_path).restore()
+    if key != "sparse_optimizer":  # checked before anything is loaded
+        same_state(snapshot(objs, None), before)
+
+
 def _forged(tmp_path, edit):
     a = filled()
     path = str(tmp_path / "c")
@@ -439,6 +460,24 @@ def test_delta_base_leaving_the_directory_is_rejected(tmp_path, where):
     _must_reject(str(run / "c1"), "base" if where != "symlink" else "symbolic link")
 
 
+@pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
+def test_latest_pointer_leaving_the_output_dir_is_rejected(tmp_path, where):
+    out = tmp_path / "out"
+    table = filled()
+    CheckpointManager(table, output_dir=str(out)).save(1)
+    shutil.move(out / "ckpt_000000001", tmp_path / "elsewhere")
+    if where == "symlink":
+        os.symlink(tmp_path / "elsewhere", out / "ckpt_000000001")
+        name = "ckpt_000000001"
+    else:
+        name = {"parent": "../elsewhere", "absolute": str(tmp_path / "elsewhere")}[where]
+    (out / "latest").write_text(name)
+    fresh = make_table()
+    with pytest.raises(CheckpointError, match="latest|symbolic link"):
+        CheckpointManager(fresh, output_dir=str(out)).restore()
+    assert len(fresh) == 0
+
+
 def test_fifo_in_place_of_a_data_file_fails_fast(tmp_path):
     path = _saved(tmp_path)
     data = os.path.join(path, DATA)
@@ -501,6 +540,30 @@ def test_header_shape_forgery_is_detected(tmp_path):
                           f'"shape":[{DIM},{rows}]')  # same size, other shape
     edit_index(path, lambda ix: ix["files"][DATA].update(crc32=crc))
     _must_reject(path, f"{DATA}.*shape")
+
+
+# -- 4. temporary files of killed saves --------------------------------------------------------
+
+def test_stale_tmp_files_of_dead_processes_are_removed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = out / f"latest.tmp-{dead.pid}"
+        live = out / f"latest.tmp-{alive.pid}"
+        mine = out / f"other.tmp-{os.getpid()}"
+        unrelated = out / "notes.tmp-abc"
+        for p in (stale, live, mine, unrelated):
+            p.write_bytes(b"x")
+        table = filled()
+        CheckpointManager(table, output_dir=str(out)).save(1)
+        assert not stale.exists()
+        assert live.exists() and mine.exists() and unrelated.exists()
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 # -- 5. slots dropped by a save's filter_func --------------------------------------------------
