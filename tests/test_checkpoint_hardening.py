@@ -375,6 +375,11 @@ def test_index_without_checksum_is_rejected(tmp_path):
         json.dump(index, f)
     with pytest.raises(CheckpointError, match="index_checksum"):
         Loader(path, {"t": make_table()}).load()
+    index["version"] = 1  # as an older recis wrote it: rejected, with the reason
+    with open(os.path.join(path, "index.json"), "w") as f:
+        json.dump(index, f)
+    with pytest.raises(CheckpointError, match="format version 1.*older recis"):
+        Loader(path, {"t": make_table()}).load()
 
 
 def test_shard_index_corruption_is_detected(tmp_path):
@@ -447,17 +452,18 @@ def _chain(tmp_path):
     return run, a
 
 
-@pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
+@pytest.mark.parametrize("where", ["parent", "absolute", "symlink", "itself"])
 def test_delta_base_leaving_the_directory_is_rejected(tmp_path, where):
     run, a = _chain(tmp_path)
     shutil.copytree(run / "c0", tmp_path / "c0copy")  # a valid base: only the name is wrong
     if where == "symlink":
         os.symlink(tmp_path / "c0copy", run / "c0link")
     base = {"parent": "../c0copy", "absolute": str(tmp_path / "c0copy"),
-            "symlink": "c0link"}[where]
+            "symlink": "c0link", "itself": "c1"}[where]
     edit_index(str(run / "c1"), lambda ix: ix.update(base=base))
     shutil.rmtree(run / "c0")
-    _must_reject(str(run / "c1"), "base" if where != "symlink" else "symbolic link")
+    _must_reject(str(run / "c1"), {"symlink": "symbolic link", "itself": "loops"}.get(
+        where, "index.json.*base"))
 
 
 @pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
