@@ -468,3 +468,25 @@ def test_filter_clock_survives_a_changed_filter_step(tmp_path):
                                                           {"filter_step": 20}))
     Loader(str(tmp_path / "c"), {"t": b}).load()
     assert b._filter_hook_impl.global_step == 30
+
+
+def test_defect04_odd_names_round_trip_through_the_checkpoint_manager(tmp_path):
+    from recis.framework.checkpoint_manager import CheckpointManager
+
+    def model():
+        return DynamicEmbedding(EmbeddingOption(
+            embedding_dim=DIM, shared_name="@user/id.v2%", filter_hook=FilterHook(
+                "GlobalStepFilter", {"filter_step": 3, "name": "step.filter"})))
+
+    a = model()
+    a(torch.arange(100))
+    a.hashtable._filter_hook_impl.update_step(5)
+    a(torch.arange(50))
+    CheckpointManager(a, output_dir=str(tmp_path)).save(1)
+    b = model()
+    assert CheckpointManager(b, output_dir=str(tmp_path)).restore() == 1
+    ta, tb = a.hashtable, b.hashtable
+    assert torch.equal(ta.ids_map()[0], tb.ids_map()[0]) and len(tb) == 100
+    rows = ta.ids_map()[1]
+    assert torch.equal(tb.slot_values("step.filter", rows), ta.slot_values("step.filter", rows))
+    assert tb._filter_hook_impl.global_step == 5

@@ -11,13 +11,17 @@ Layout of ``output_dir``::
     ckpt_000000100/   ckpt_000000200/   ...   latest   (the name of the newest checkpoint)
 
 ``latest`` is replaced atomically after a checkpoint is complete, so a crash at any point
-leaves the previous checkpoint as ``latest``.
+leaves the previous checkpoint as ``latest``. ``latest`` must hold the plain name of a
+checkpoint directory of ``output_dir`` (no path, not a symbolic link): anything else is a
+:class:`CheckpointError`, never a load from elsewhere. Temporary files ``*.tmp-<pid>`` that a
+killed save left in ``output_dir`` are removed by the next save once their process is gone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from typing import Any
@@ -26,7 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from recis.nn.modules.hashtable import split_sparse_dense_state_dict
-from recis.serialize._files import CheckpointError, atomic_write_bytes
+from recis.serialize._files import (
+    CheckpointError,
+    atomic_write_bytes,
+    is_plain_name,
+    read_regular,
+)
 from recis.serialize.checkpoint import Loader, Saver, chain, read_dense, read_index
 from recis.utils.checks import check_positive_int
 from recis.utils.logger import Logger
@@ -37,6 +46,20 @@ __all__ = ["CheckpointManager"]
 
 LATEST = "latest"
 _PREFIX = "ckpt_"
+_TMP = re.compile(r".+\.tmp-([0-9]{1,10})")  # atomic_write_bytes' temporary files
+
+
+def _pid_alive(pid: int) -> bool:
+    """True unless process ``pid`` surely does not exist (of this host's PID namespace)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OverflowError:  # larger than any PID
+        return False
+    return True
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
@@ -57,16 +80,30 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
     raise TypeError(f"cannot checkpoint {type(obj).__name__} at {prefix!r} without pickle")
 
 
-def _unflatten(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
+def _unflatten(obj: Any, tensors: Mapping[str, Tensor], where: str) -> Any:
+    """Inverse of :func:`_flatten`; a skeleton that is not one (an unknown tensor, a malformed
+    node) is a CheckpointError naming ``where``."""
     if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]].clone()
-        if "__dict__" in obj:
-            return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
-        if "__tuple__" in obj:
-            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+        if set(obj) == {"__tensor__"}:
+            key = obj["__tensor__"]
+            if not isinstance(key, str) or key not in tensors:
+                raise CheckpointError(f"{where}: no dense tensor {key!r} in the checkpoint")
+            return tensors[key].clone()
+        if set(obj) == {"__dict__"} and isinstance(obj["__dict__"], list) and all(
+                isinstance(kv, list) and len(kv) == 2 for kv in obj["__dict__"]):
+            out = {}
+            for k, v in obj["__dict__"]:
+                k, v = _unflatten(k, tensors, where), _unflatten(v, tensors, where)
+                try:
+                    out[k] = v
+                except TypeError:  # an unhashable key
+                    raise CheckpointError(f"{where}: a dict key {k!r} is not hashable") from None
+            return out
+        if set(obj) == {"__tuple__"} and isinstance(obj["__tuple__"], list):
+            return tuple(_unflatten(v, tensors, where) for v in obj["__tuple__"])
+        raise CheckpointError(f"{where}: not a state written by CheckpointManager: {obj!r:.80}")
     if isinstance(obj, list):
-        return [_unflatten(v, tensors) for v in obj]
+        return [_unflatten(v, tensors, where) for v in obj]
     return obj
 
 
@@ -115,17 +152,34 @@ class CheckpointManager:
         if not os.path.isdir(self.output_dir):
             return []
         names = [n for n in os.listdir(self.output_dir) if n.startswith(_PREFIX)
+                 and not os.path.islink(os.path.join(self.output_dir, n))
                  and os.path.isfile(os.path.join(self.output_dir, n, "index.json"))]
         return sorted(names)
 
     def latest(self) -> str | None:
-        """Path of the newest complete checkpoint (from ``latest``), or None."""
+        """Path of the newest complete checkpoint (from ``latest``), or None.
+
+        ``latest`` must be a regular file (not a symbolic link or FIFO) holding the plain name
+        of a checkpoint directory of ``output_dir`` that is not a symbolic link; a path
+        (``../x``, ``/x``) or a name of something else is a :class:`CheckpointError`, as is a
+        pointer to a checkpoint that does not load (see :func:`read_index`)."""
         pointer = os.path.join(self.output_dir, LATEST)
-        if not os.path.exists(pointer):
+        if not os.path.lexists(pointer):
             return None
-        with open(pointer) as f:
-            name = f.read().strip()
+        raw = read_regular(pointer, "the 'latest' pointer", max_bytes=4096)
+        try:
+            name = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{pointer} is corrupted: not text") from None
+        if not is_plain_name(name):
+            raise CheckpointError(
+                f"{pointer} must hold the name of a checkpoint directory in {self.output_dir} "
+                f"(a plain name: no separator, no leading dot), got {name!r}"
+            )
         path = os.path.join(self.output_dir, name)
+        if os.path.islink(path):
+            raise CheckpointError(f"{pointer} names {name!r}, a symbolic link; checkpoints "
+                                  f"must be directories inside {self.output_dir}")
         read_index(path)  # a dangling pointer is an error worth hearing about
         return path
 
@@ -182,6 +236,7 @@ class CheckpointManager:
         return None
 
     def _prune(self) -> None:
+        self._remove_stale_tmp()
         names = self.checkpoints()
         keep = set(names[-self.max_keep:])
         for name in list(keep):  # keep every checkpoint a kept one depends on
@@ -193,6 +248,24 @@ class CheckpointManager:
             if name not in keep:
                 self._remove(name)
 
+    def _remove_stale_tmp(self) -> None:
+        """Remove the ``<name>.tmp-<pid>`` files that saves killed before their rename left in
+        ``output_dir``: only those whose process no longer exists (``os.kill(pid, 0)`` raises
+        ProcessLookupError), never one of a live process (it may be writing it). Processes
+        are those of this host: do not share ``output_dir`` between hosts that save."""
+        for name in os.listdir(self.output_dir):
+            m = _TMP.fullmatch(name)
+            if m is None or int(m.group(1)) <= 0 or _pid_alive(int(m.group(1))):
+                continue
+            path = os.path.join(self.output_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                continue  # not a file atomic_write_bytes writes
+            try:
+                os.unlink(path)
+                logger.info("removed %s, left by a killed save", path)
+            except FileNotFoundError:
+                pass
+
     def _remove(self, name: str) -> None:
         """Delete a checkpoint so that it is never seen half deleted under its name: rename it
         away first (atomic), then delete the files."""
@@ -203,23 +276,46 @@ class CheckpointManager:
     # -- restoring ---------------------------------------------------------------------------
     def restore(self, path: str | None = None, strict: bool = True) -> int | None:
         """Load ``path`` (default: the latest checkpoint) into the model and optimizers;
-        returns the restored step, or None when there is nothing to restore."""
+        returns the restored step, or None when there is nothing to restore.
+
+        The index, the dense tensors and the saved state of the dense optimizer and LR
+        scheduler are read and checked before anything is loaded: a checkpoint that was not
+        written by a CheckpointManager (no integer ``global_step``) or whose state skeletons
+        name tensors it lacks is a :class:`CheckpointError` and leaves the model untouched.
+        State that does not fit the optimizers (their own ``load_state_dict`` rejects it) is
+        a :class:`CheckpointError` too, raised after the tables were loaded."""
         path = path or self.latest()
         if path is None:
             return None
+        where = os.path.join(path, "index.json")
+        meta = read_index(path)["extra"]
+        dense = read_dense(path)
+        step = meta.get("global_step")
+        if type(step) is not int or not isinstance(meta.get("extra", {}), dict):
+            raise CheckpointError(f"{where}: extra must hold the state CheckpointManager saves "
+                                  "(an integer global_step and an extra object)")
+        states = {name: _unflatten(meta[name], dense, f"{where}: extra[{name!r}]")
+                  for name in ("dense_optimizer", "lr_scheduler") if name in meta}
+        rng = dense.get("rng/torch")
+        if rng is not None and (rng.dtype != torch.uint8
+                                or rng.shape != torch.get_rng_state().shape):
+            raise CheckpointError(f"{where}: the dense tensor 'rng/torch' is not a torch RNG "
+                                  f"state ({rng.dtype}, shape {list(rng.shape)})")
         tables, tensors_now, _ = self._state(0, None)
         model_tensors = {k: v for k, v in tensors_now.items() if k.startswith("model/")}
         Loader(path, hashtables=tables, tensors=model_tensors, strict=strict).load()
-        meta = read_index(path)["extra"]
-        dense = read_dense(path)
-        if "rng/torch" in dense:
-            torch.set_rng_state(dense["rng/torch"])
-        if self.dense_optimizer is not None and "dense_optimizer" in meta:
-            self.dense_optimizer.load_state_dict(_unflatten(meta["dense_optimizer"], dense))
-        if self.lr_scheduler is not None and "lr_scheduler" in meta:
-            self.lr_scheduler.load_state_dict(_unflatten(meta["lr_scheduler"], dense))
-        if self.sparse_optimizer is not None and "sparse_optimizer" in meta:
-            self.sparse_optimizer.load_state_dict(meta["sparse_optimizer"])
+        if rng is not None:
+            torch.set_rng_state(rng)
+        for name, target in (("dense_optimizer", self.dense_optimizer),
+                             ("lr_scheduler", self.lr_scheduler),
+                             ("sparse_optimizer", self.sparse_optimizer)):
+            if target is None or name not in meta:
+                continue
+            try:
+                target.load_state_dict(states.get(name, meta[name]))
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+                raise CheckpointError(f"{where}: extra[{name!r}] does not fit the "
+                                      f"{name.replace('_', ' ')}: {type(e).__name__}: {e}") from e
         self.restored_extra = meta.get("extra", {})
-        logger.info("restored %s (step %d)", path, meta["global_step"])
-        return int(meta["global_step"])
+        logger.info("restored %s (step %d)", path, step)
+        return step

@@ -1,15 +1,24 @@
-"""Checksummed safetensors files and atomic file operations.
+"""Checksummed safetensors files, safe opening of checkpoint files, atomic file operations.
 
 Data files are standard safetensors (8-byte little-endian header size, JSON header, raw
 little-endian data), written by :func:`write_safetensors` in one pass that also computes a
 CRC-32 of the whole file, so ``safetensors.safe_open`` reads them and the checkpoint index can
-carry a checksum without a second pass over the data.
+carry a checksum and a listing of the tensors without a second pass over the data.
+
+Reading trusts nothing in the file: :func:`read_safetensors` opens only a regular file (never
+through a symbolic link, never blocking on a FIFO or a device), compares its size with the
+index before reading a byte of it, then its CRC-32, then its header against the index's listing
+(same keys, dtypes and shapes; the data offsets contiguous and inside the file).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
+import re
+import stat
 import struct
 import zlib
 from collections.abc import Mapping
@@ -24,10 +33,94 @@ _DTYPES = {
     torch.uint8: "U8", torch.bool: "BOOL",
 }
 _FROM_CODE = {v: k for k, v in _DTYPES.items()}
+_ITEMSIZE = {code: torch.empty(0, dtype=dtype).element_size() for dtype, code in _DTYPES.items()}
+DTYPE_CODES = frozenset(_FROM_CODE)
+
+# names of entries of a checkpoint directory (data files) and of an output directory
+# (checkpoints): no separator, not "." or "..", no leading dot (hidden: staging, removal)
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupted or does not match what is loaded."""
+
+
+def is_plain_name(name: object) -> bool:
+    """True for a name that can only denote an entry of the directory it is joined to: letters,
+    digits, ``_``, ``-`` and ``.``, not starting with ``.`` (so never ``.``, ``..``, a hidden
+    entry, an absolute path or a path with a separator), at most 255 characters."""
+    return isinstance(name, str) and _PLAIN_NAME.fullmatch(name) is not None
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISLNK, "a symbolic link"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def open_regular(path: str, what: str = "checkpoint file") -> tuple[int, int]:
+    """Open ``path`` for reading if it is a regular file; returns ``(fd, size)``.
+
+    Rejected with :class:`CheckpointError`: a missing file, a symbolic link (``O_NOFOLLOW``), and
+    anything that is not a regular file: a FIFO, a device, a socket or a directory. The
+    entry is checked with ``lstat`` before it is opened (a device is never opened) and the
+    open file with ``fstat`` (the entry may have been replaced in between); ``O_NONBLOCK`` makes
+    the open of a FIFO return at once instead of waiting for a writer.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {path} is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{what} {path} cannot be read: {e.strerror}") from None
+    if stat.S_ISLNK(mode):
+        raise CheckpointError(f"{what} {path} is a symbolic link; checkpoint files must be "
+                              "regular files inside the checkpoint directory")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{what} {path} is {_kind(mode)}, not a regular file")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {path} is missing") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(f"{what} {path} is a symbolic link; checkpoint files must "
+                                  "be regular files inside the checkpoint directory") from None
+        raise CheckpointError(f"{what} {path} cannot be read: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{what} {path} is {_kind(st.st_mode)}, not a regular file")
+    return fd, st.st_size
+
+
+def _read_exactly(fd: int, size: int, path: str, what: str) -> np.ndarray:
+    data = np.empty(size, np.uint8)  # not zero-filled
+    view = memoryview(data)
+    done = 0
+    while done < size:
+        n = os.readv(fd, [view[done:]])
+        if n == 0:
+            raise CheckpointError(f"{what} {path} shrank while it was read")
+        done += n
+    return data
+
+
+def read_regular(path: str, what: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of a small regular file (see :func:`open_regular`); a file over ``max_bytes``
+    is rejected before it is read."""
+    fd, size = open_regular(path, what)
+    try:
+        if max_bytes is not None and size > max_bytes:
+            raise CheckpointError(f"{what} {path} has {size} bytes, more than the {max_bytes} "
+                                  "it can have")
+        return _read_exactly(fd, size, path, what).tobytes()
+    finally:
+        os.close(fd)
 
 
 def fsync_path(path: str) -> None:
@@ -63,8 +156,10 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
 
 def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor],
                       metadata: Mapping[str, str] | None = None) -> dict:
-    """Write ``tensors`` as a safetensors file (fsynced); returns ``{"crc32", "bytes"}``."""
+    """Write ``tensors`` as a safetensors file (fsynced); returns what the index records of it:
+    ``{"crc32", "bytes", "tensors": {key: {"dtype": "F32", "shape": [...]}}}``."""
     header: dict[str, object] = {}
+    listing: dict[str, dict] = {}
     offset = 0
     for name, t in tensors.items():
         if t.dtype not in _DTYPES:
@@ -72,6 +167,7 @@ def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor],
         size = t.numel() * t.element_size()
         header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + size]}
+        listing[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape)}
         offset += size
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -96,40 +192,38 @@ def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor],
             os.fsync(f.fileno())
         crc = crc.result()
     os.replace(tmp, path)
-    return {"crc32": crc, "bytes": 8 + len(blob) + offset}
+    return {"crc32": crc, "bytes": 8 + len(blob) + offset, "tensors": listing}
 
 
-def read_safetensors(path: str, expected: Mapping | None = None) -> dict[str, torch.Tensor]:
-    """Read a whole safetensors file, checking size and CRC-32 against ``expected``."""
+def read_safetensors(path: str, expected: Mapping) -> dict[str, torch.Tensor]:
+    """Read a whole safetensors file that the index describes as ``expected`` (``{"crc32",
+    "bytes", "tensors"}``, see :func:`write_safetensors`).
+
+    In this order, each fault a :class:`CheckpointError` naming the file (and the tensor): the
+    file must be a regular file (:func:`open_regular`); its size must be ``expected["bytes"]``,
+    checked before any data is read; its CRC-32 must match; its header must list exactly the
+    tensors of ``expected["tensors"]`` with the same dtypes and shapes, and their data must
+    tile the data section (contiguous, no gap, no overlap, nothing past the end). Only then
+    are tensors built, so a header that lies about a dtype never reinterprets data.
+    """
+    fd, size = open_regular(path)
     try:
-        with open(path, "rb") as f:
-            data = np.empty(os.fstat(f.fileno()).st_size, np.uint8)  # not zero-filled
-            f.readinto(memoryview(data))
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing") from None
-    if expected is not None:
-        if len(data) != expected["bytes"]:
+        if size != expected["bytes"]:
             raise CheckpointError(
-                f"checkpoint file {path} has {len(data)} bytes, the index says "
+                f"checkpoint file {path} has {size} bytes, the index says "
                 f"{expected['bytes']}: it is truncated or was overwritten"
             )
-        crc = zlib.crc32(data)
-        if crc != expected["crc32"]:
-            raise CheckpointError(f"checkpoint file {path} is corrupted (CRC-32 mismatch)")
-    try:
-        (size,) = struct.unpack("<Q", data[:8].tobytes())
-        header = json.loads(data[8 : 8 + size].tobytes())
-    except (struct.error, ValueError) as e:
-        raise CheckpointError(f"checkpoint file {path} is not a safetensors file: {e}") from None
-    base = 8 + size
-    buffer = data
+        data = _read_exactly(fd, size, path, "checkpoint file")
+    finally:
+        os.close(fd)
+    if zlib.crc32(data) != expected["crc32"]:
+        raise CheckpointError(f"checkpoint file {path} is corrupted (CRC-32 mismatch)")
+    header, base = _checked_header(path, data, expected["tensors"])
     out = {}
     for key, info in header.items():
-        if key == "__metadata__":
-            continue
         start, end = info["data_offsets"]
         dtype = _FROM_CODE[info["dtype"]]
-        raw = torch.from_numpy(buffer[base + start : base + end])
+        raw = torch.from_numpy(data[base + start : base + end])
         if dtype == torch.bfloat16:
             t = raw.view(torch.int16).view(torch.bfloat16)
         else:
@@ -138,8 +232,71 @@ def read_safetensors(path: str, expected: Mapping | None = None) -> dict[str, to
     return out
 
 
+def _checked_header(path: str, data: np.ndarray, listing: Mapping) -> tuple[dict, int]:
+    """The tensors of a safetensors header (``__metadata__`` left out) and where the data
+    section starts, after checking the header against the index's ``listing``."""
+
+    def fail(msg: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint file {path}: {msg}")
+
+    if len(data) < 8:
+        raise fail("shorter than a safetensors header")
+    (size,) = struct.unpack("<Q", data[:8].tobytes())
+    if size > len(data) - 8:
+        raise fail(f"the header claims {size} bytes, the file has {len(data) - 8} after it")
+    try:
+        header = json.loads(data[8 : 8 + size].tobytes().decode("utf-8"))
+    except ValueError as e:
+        raise fail(f"the safetensors header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise fail("the safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise fail("the header's __metadata__ is not a map of strings")
+    if header.keys() != listing.keys():
+        raise fail(f"the header lists tensors {sorted(header.keys() - listing.keys())} that "
+                   f"the index does not, and lacks {sorted(listing.keys() - header.keys())}")
+    spans = []
+    for key, info in header.items():
+        want = listing[key]
+        if not isinstance(info, dict):
+            raise fail(f"tensor {key!r}: its header entry is not a JSON object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype != want["dtype"]:
+            raise fail(f"tensor {key!r} has dtype {dtype!r} in the header, the index lists "
+                       f"{want['dtype']!r}")
+        if not (isinstance(shape, list) and all(type(d) is int for d in shape)
+                and shape == want["shape"]):
+            raise fail(f"tensor {key!r} has shape {shape!r} in the header, the index lists "
+                       f"{want['shape']!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int for o in offsets)):
+            raise fail(f"tensor {key!r}: data_offsets must be two integers, got {offsets!r}")
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != nbytes:
+            raise fail(f"tensor {key!r}: data_offsets {offsets} span {offsets[1] - offsets[0]} "
+                       f"bytes, a {dtype} tensor of shape {shape} has {nbytes}")
+        spans.append((offsets[0], offsets[1], key))
+    end = 0
+    for start, stop, key in sorted(spans):
+        if start != end:
+            raise fail(f"tensor {key!r}: data_offsets start at {start}, expected {end} "
+                       "(tensors must tile the data section)")
+        end = stop
+    if end != len(data) - 8 - size:
+        raise fail(f"the tensors cover {end} bytes of a data section of {len(data) - 8 - size}")
+    return header, 8 + size
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def dtype_code(name: object) -> str | None:
+    """The safetensors code (``"F32"``) of a dtype named as in the index (``"float32"``), or
+    None when ``name`` is not the name of a dtype that checkpoints hold."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return _DTYPES.get(dtype) if isinstance(dtype, torch.dtype) else None
 
 
 def dtype_from_name(name: str) -> torch.dtype:

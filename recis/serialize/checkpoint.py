@@ -3,8 +3,10 @@
 A checkpoint is a directory that becomes visible only when complete::
 
     ckpt_000100/
-      index.json                           format, kind (full/delta), base, files + CRC-32,
-                                           tables (children, slots, shapes, dtypes), extra
+      index.json                           format, kind (full/delta), base, files (size, CRC-32
+                                           and the dtype and shape of every tensor), tables
+                                           (children, written slots and fields), extra, and
+                                           index_checksum (SHA-256 of all the rest)
       sparse-00000-of-00002.safetensors    rows of shard 0: "<child>.id/part_0_2",
       sparse-00001-of-00002.safetensors    "<child>.<slot>/part_0_2", ... (RecIS's key names)
       dense.safetensors                    dense tensors (written by shard 0)
@@ -12,12 +14,28 @@ A checkpoint is a directory that becomes visible only when complete::
 Every file is written under a hidden staging directory ``.ckpt_000100.partial``, fsynced, and
 the directory is renamed to its final name by the last shard to finish, after ``index.json``
 is in place; a process killed at any moment leaves either no checkpoint or a complete one.
-Loading checks every file's size and CRC-32 before anything is written into a table.
+
+Loading trusts nothing it reads (see :func:`read_index` and
+:func:`recis.serialize._files.read_safetensors`): the index must carry a valid checksum and
+pass a schema check, names of files and bases must be plain names of entries inside the
+checkpoint's directory (no path, no symbolic link), data files must be regular files of the
+indexed size, CRC-32 and tensor listing; all of it is checked before anything is written into
+a table, and every fault is a :class:`CheckpointError` naming the file and the key.
+
+Keys: ``<child>.<field>/part_<shard>_<shard_num>`` for the rows of a logical table (child) and
+``@<table>.<record>.<field>/part_...`` for a physical table's records (``unused`` rows,
+allocator ``layout``, initializer ``rng``, a policy's state ``policy_<tag>``: an admission
+sketch, a filter's clock; ``policies`` in the index maps tags to policies). Names are escaped
+so that ``/``, ``.``, ``@`` and ``%`` in them cannot break a key: each of these four
+characters becomes ``%2F``, ``%2E``, ``%40``, ``%25``; other characters (spaces, unicode)
+are kept, so ordinary names (``user_emb``, ``embedding``, ``sparse_adamw_exp_avg``) give
+RecIS's key names unchanged.
 
 Incremental checkpoints (``Saver.save(incremental=True)``) hold only the rows written since the
 previous save of the same tables and the IDs removed since then (``<child>.deleted_id``), and
-name their ``base``; loading follows the chain back to a full checkpoint. :func:`compact`
-turns a chain into a full checkpoint.
+name their ``base``; loading follows the chain back to a full checkpoint. A table whose log of
+removed IDs overflowed (see :class:`~recis._core.store.TableStore`) is written in full inside
+the delta and listed in ``replaced``. :func:`compact` turns a chain into a full checkpoint.
 
 Reading a checkpoint without recis::
 
@@ -34,20 +52,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
 
 from recis.nn.modules.hashtable import HashTable, Slice
 from recis.serialize._files import (
+    DTYPE_CODES,
     CheckpointError,
     atomic_write_json,
+    dtype_code,
     dtype_from_name,
     dtype_name,
     fsync_path,
+    is_plain_name,
+    read_regular,
     read_safetensors,
     write_safetensors,
 )
@@ -58,8 +81,9 @@ logger = Logger(__name__)
 __all__ = ["Saver", "Loader", "CheckpointReader", "CheckpointError", "compact", "FORMAT_VERSION"]
 
 FORMAT = "recis-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: index_checksum, per-file tensor listings, escaped names in keys
 INDEX = "index.json"
+CHECKSUM = "index_checksum"
 DENSE_FILE = "dense.safetensors"
 SLICE_SIZE = 65536
 
@@ -72,8 +96,54 @@ def _shard_index(shard: int, shard_num: int) -> str:
     return f"index-{shard:05d}-of-{shard_num:05d}.json"
 
 
+_ESCAPES = {"%": "%25", "/": "%2F", ".": "%2E", "@": "%40"}
+_TO_ESCAPE = re.compile("[%/.@]")
+_ESCAPED = r"(?:[^%/.@]|%(?:25|2F|2E|40))*"  # what _esc produces, and only that
+_UNESCAPE = re.compile("%(25|2F|2E|40)")
+_KEY = re.compile(rf"(?P<group>@{_ESCAPED}\.[A-Za-z0-9_]+|{_ESCAPED})\.(?P<field>{_ESCAPED})"
+                  r"/part_(?P<shard>0|[1-9][0-9]*)_(?P<num>[1-9][0-9]*)")
+_RECORD_GROUP = re.compile(rf"@(?P<physical>{_ESCAPED})\.(?P<record>[A-Za-z0-9_]+)")
+_POLICY_RECORD = re.compile("policy_[0-9a-f]{12}")
+
+
+def _esc(name: str) -> str:
+    """A name as it appears in keys: ``%``, ``/``, ``.``, ``@`` percent-encoded, the rest kept."""
+    return _TO_ESCAPE.sub(lambda m: _ESCAPES[m.group()], name)
+
+
+def _unesc(text: str) -> str:
+    return _UNESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+
+
 def _key(child: str, field: str, shard: int, shard_num: int) -> str:
-    return f"{child}.{field}/part_{shard}_{shard_num}"
+    """Key of a logical table's (child's) field: ``<child>.<field>/part_<shard>_<shard_num>``."""
+    return _gkey(_esc(child), field, shard, shard_num)
+
+
+def _gkey(group: str, field: str, shard: int, shard_num: int) -> str:
+    """Key of a field of an (escaped) group: :func:`_esc` of a child, or :func:`_rec`."""
+    return f"{group}.{_esc(field)}/part_{shard}_{shard_num}"
+
+
+def _rec(physical: str, record: str) -> str:
+    """Group of a physical table's record (``unused``, ``layout``, ``rng``,
+    ``policy_<tag>``)."""
+    return f"@{_esc(physical)}.{record}"
+
+
+def _parse_key(key: str) -> tuple[str, str, int, int] | None:
+    """``(group, field, shard, shard_num)`` of a sparse key (group escaped, field not), or None
+    if ``key`` is not one."""
+    m = _KEY.fullmatch(key)
+    if m is None:
+        return None
+    return m["group"], _unesc(m["field"]), int(m["shard"]), int(m["num"])
+
+
+def _display(group: str) -> str:
+    """A group's unescaped name: the child's name, or ``@<table>.<record>``."""
+    m = _RECORD_GROUP.fullmatch(group)
+    return _unesc(group) if m is None else f"@{_unesc(m['physical'])}.{m['record']}"
 
 
 def _staging(path: str) -> str:
@@ -108,13 +178,30 @@ def _children(tables: Mapping[str, HashTable]) -> dict[str, tuple[HashTable, int
     return out
 
 
-def _table_info(table: HashTable) -> dict:
-    specs = table.store.slot_specs()
+def _written(data: Mapping[str, Tensor]) -> dict[str, set[str]]:
+    """Escaped group -> the fields that ``data`` (sparse tensors by key) holds of it."""
+    out: dict[str, set[str]] = {}
+    for key in data:
+        group, field, _, _ = _parse_key(key)
+        out.setdefault(group, set()).add(field)
+    return out
+
+
+def _table_info(table: HashTable, child: str, fields: set[str]) -> dict:
+    """A logical table's entry of the index: what was written of it (``fields``: ``id``,
+    ``row``, ``deleted_id`` and slots), so a load reports a slot that was not saved (e.g.
+    dropped by ``filter_func``) as missing."""
+    if not {"id", "row"} <= fields:
+        raise ValueError(
+            f"filter_func kept {sorted(fields)} of table {child!r} but not its 'id' and 'row' "
+            "keys: rows cannot be restored without them; keep or drop a table's keys together"
+        )
     return {
         "physical": table.name,
         "embedding_shape": list(table.embedding_shape),
         "slots": {spec.name: {"shape": list(spec.row_shape), "dtype": dtype_name(spec.dtype)}
-                  for spec in specs if spec.saved},
+                  for spec in table.store.slot_specs() if spec.saved and spec.name in fields},
+        "fields": sorted(fields),
     }
 
 
@@ -167,7 +254,9 @@ class Saver:
         hashtables (dict[str, HashTable]): e.g. ``filter_out_sparse_param(model)``.
         tensors (dict[str, Tensor]): dense tensors, written by shard 0.
         filter_func (callable, optional): ``f(list of tensor keys) -> list`` to keep a subset
-            of the sparse tensors.
+            of the sparse tensors (keys as stored: names escaped, see the module docstring).
+            The index lists what was kept, so a strict load reports dropped slots missing;
+            a table's ``id`` and ``row`` keys must be kept or dropped with the rest of it.
 
     Example::
 
@@ -199,6 +288,9 @@ class Saver:
         """
         if incremental and not base:
             raise ValueError("an incremental save needs base= (the previous checkpoint)")
+        if base is not None and not is_plain_name(base):
+            raise ValueError(f"base must be the directory name of the previous checkpoint (a "
+                             f"sibling of path, no separator, no leading dot), got {base!r}")
         if os.path.exists(self.path):
             raise CheckpointError(f"{self.path} already exists; checkpoints are never overwritten")
         children = _children(self.tables)
@@ -231,18 +323,17 @@ class Saver:
                         data[_key(child, field, k, n)] = values.cpu()
                 # what an exact restore needs besides the live rows: rows without an ID (their
                 # values are what new IDs will get), the allocator state and the RNG state
-                phys = "@" + table.name
                 for field, values in _export_unused(store, written, snapshot).items():
-                    data[_key(phys + ".unused", field, k, n)] = values.cpu()
+                    data[_gkey(_rec(table.name, "unused"), field, k, n)] = values.cpu()
                 for field, values in store.layout().items():
-                    data[_key(phys + ".layout", field, k, n)] = values
+                    data[_gkey(_rec(table.name, "layout"), field, k, n)] = values
                 gen = getattr(table.initializer(), "generator", None)
                 if gen is not None:
-                    data[_key(phys + ".rng", "state", k, n)] = gen.get_state()
+                    data[_gkey(_rec(table.name, "rng"), "state", k, n)] = gen.get_state()
                 for key, state in store.policy_states().items():  # admission/filter state
                     tag = _policy_tag(key)
                     for field, value in state.items():
-                        data[_key(f"{phys}.policy_{tag}", field, k, n)] = value.cpu()
+                        data[_gkey(_rec(table.name, f"policy_{tag}"), field, k, n)] = value.cpu()
                     policies.setdefault(table.name, {})[tag] = key
         try:
             self._write(staging, data, children, rows_saved, policies, replaced, incremental,
@@ -259,6 +350,9 @@ class Saver:
         if self.filter_func is not None:
             keep = set(self.filter_func(list(data)))
             data = {key: v for key, v in data.items() if key in keep}
+        written = _written(data)
+        tables_info = {c: _table_info(t, c, written[_esc(c)])
+                       for c, (t, _) in children.items() if _esc(c) in written}
         files = {_sparse_file(k, n): write_safetensors(
             os.path.join(staging, _sparse_file(k, n)), data,
             {"format": FORMAT, "version": str(FORMAT_VERSION)})}
@@ -269,7 +363,7 @@ class Saver:
                 {"format": FORMAT, "version": str(FORMAT_VERSION)})
         shard_index = {
             "files": files,
-            "tables": {c: _table_info(t) for c, (t, _) in children.items()},
+            "tables": tables_info,
             "physical": {t.name: list(t.children_hashtable) for t in self.tables.values()},
             "policies": policies,
             "replaced": replaced,
@@ -277,7 +371,7 @@ class Saver:
             "dense": sorted(self.tensors) if k == 0 else [],
             "extra": dict(extra or {}) if k == 0 else {},
         }
-        atomic_write_json(os.path.join(staging, _shard_index(k, n)), shard_index)
+        atomic_write_json(os.path.join(staging, _shard_index(k, n)), _sealed(shard_index))
         if torch.distributed.is_available() and torch.distributed.is_initialized() and n > 1:
             torch.distributed.barrier()
             if k == 0:
@@ -286,21 +380,26 @@ class Saver:
             self._publish(staging, incremental, base)
 
     def _publish(self, staging: str, incremental: bool, base: str | None) -> None:
+        """Merge the shards' index parts (each checked like an index) into ``index.json``."""
         n = self.shard_num
-        parts = []
-        for s in range(n):
-            with open(os.path.join(staging, _shard_index(s, n))) as f:
-                parts.append(json.load(f))
         index = {
             "format": FORMAT, "version": FORMAT_VERSION,
             "kind": "delta" if incremental else "full", "base": base, "shard_num": n,
             "files": {}, "tables": {}, "physical": {}, "rows": {}, "dense": [], "extra": {},
             "policies": {}, "replaced": [],
         }
-        for part in parts:
+        for s in range(n):
+            where = os.path.join(staging, _shard_index(s, n))
+            part = _checked(_load_json(where, "shard index"), where, part=(s, n))
+            for section in ("tables", "physical"):
+                for name, value in part[section].items():
+                    if index[section].setdefault(name, value) != value:
+                        raise CheckpointError(
+                            f"{where}: {section}[{name!r}] differs from another shard's "
+                            f"({value!r} vs {index[section][name]!r}): every shard must save "
+                            "the same tables with the same slots (and the same filter_func)"
+                        )
             index["files"].update(part["files"])
-            index["tables"].update(part["tables"])
-            index["physical"].update(part["physical"])
             for table, tags in part["policies"].items():
                 index["policies"].setdefault(table, {}).update(tags)
             index["replaced"] += [c for c in part["replaced"] if c not in index["replaced"]]
@@ -312,58 +411,349 @@ class Saver:
 
 
 def _publish_dir(staging: str, final: str, index: dict) -> None:
-    """Write the index last, then make the complete directory visible under its final name."""
+    """Seal the index (add its checksum), check it as a load will, write it last, then make
+    the complete directory visible under its final name."""
+    index = _sealed(index)
+    _checked(json.loads(json.dumps(index)), os.path.join(final, INDEX))  # never publish junk
     atomic_write_json(os.path.join(staging, INDEX), index)
     fsync_path(staging)
     os.rename(staging, final)  # the moment the checkpoint becomes visible
     fsync_path(os.path.dirname(os.path.abspath(final)))
 
 
-def read_index(path: str) -> dict:
-    index_path = os.path.join(path, INDEX)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"no checkpoint at {path}")
+# -- the index: checksum and schema ---------------------------------------------------------------
+
+def index_checksum(index: Mapping) -> str:
+    """SHA-256 (hex) of the canonical JSON (sorted keys, no whitespace, ASCII) of ``index``
+    without its ``index_checksum``: what an index stores under ``index_checksum``. Whitespace
+    and key order of the file do not matter; any change of a value, key or type does."""
+    body = json.loads(json.dumps({k: v for k, v in index.items() if k != CHECKSUM}))
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _sealed(index: Mapping) -> dict:
+    body = {k: v for k, v in index.items() if k != CHECKSUM}
+    return {**body, CHECKSUM: index_checksum(body)}
+
+
+def _load_json(where: str, what: str) -> Any:
+    raw = read_regular(where, what)
     try:
-        with open(index_path) as f:
-            index = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} has no {INDEX}: not a complete checkpoint") from None
-    except ValueError as e:
-        raise CheckpointError(f"{index_path} is corrupted: {e}") from None
-    if index.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a recis checkpoint (format={index.get('format')})")
-    if index.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has format version {index['version']}; this recis reads up to "
-            f"{FORMAT_VERSION}: upgrade recis"
-        )
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # also UnicodeDecodeError
+        raise CheckpointError(f"{where} is corrupted: {e}") from None
+
+
+_NOT_GIVEN = object()
+
+
+class _Schema:
+    """Checks of one index file's structure; each fault is a CheckpointError naming the file,
+    the key and what was expected."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, key: str, expected: str, value: Any = _NOT_GIVEN) -> NoReturn:
+        got = "it is missing" if value is _NOT_GIVEN else f"got {_short(value)}"
+        raise CheckpointError(f"{self.where}: {key} must be {expected}; {got}")
+
+    def get(self, obj: Mapping, name: str, key: str, expected: str,
+            ok: Callable[[Any], bool]) -> Any:
+        if name not in obj:
+            self.fail(key, expected)
+        if not ok(obj[name]):
+            self.fail(key, expected, obj[name])
+        return obj[name]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _is_count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _is_shape(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_count(d) for d in v)
+
+
+def _is_names(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v) and len(set(v)) == len(v)
+
+
+def _is_dict(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _is_policy_key(v: Any) -> bool:
+    """``admit:<hook JSON>`` or ``filter:<policy name>:<slot name>``."""
+    kind, _, rest = v.partition(":") if isinstance(v, str) else ("", "", "")
+    if kind == "filter":
+        return bool(rest)
+    if kind != "admit":
+        return False
+    try:
+        spec = json.loads(rest)
+    except ValueError:
+        return False
+    return (isinstance(spec, dict) and isinstance(spec.get("name"), str)
+            and isinstance(spec.get("params"), dict))
+
+
+def _checked(index: Any, where: str, part: tuple[int, int] | None = None) -> dict:
+    """``index`` if it is a valid index (``part=(shard, shard_num)``: a shard's index part)."""
+    sc = _Schema(where)
+    if not isinstance(index, dict):
+        sc.fail("the index", "a JSON object", index)
+    if CHECKSUM in index and index[CHECKSUM] != index_checksum(index):
+        raise CheckpointError(f"{where} is corrupted: its {CHECKSUM} does not match its content")
+    if part is None:
+        if index.get("format") != FORMAT:
+            raise CheckpointError(f"{where} is not a recis checkpoint index "
+                                  f"(format={_short(index.get('format'))})")
+        version = sc.get(index, "version", "version", "an integer", _is_int)
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"{where} has format version {version}; this recis reads "
+                                  f"version {FORMAT_VERSION}: upgrade recis")
+        if version < FORMAT_VERSION:
+            raise CheckpointError(
+                f"{where} has format version {version}, written by an older recis: it has no "
+                f"{CHECKSUM} nor tensor listings, which this recis requires to trust a "
+                f"checkpoint (format version {FORMAT_VERSION}); load it with the recis that "
+                "wrote it and save it again"
+            )
+    if CHECKSUM not in index:
+        sc.fail(CHECKSUM, "the SHA-256 of the rest of the index")
+    if part is None:
+        sc.get(index, "kind", "kind", "'full' or 'delta'", lambda v: v in ("full", "delta"))
+        shards = sc.get(index, "shard_num", "shard_num", "a positive integer",
+                        lambda v: _is_int(v) and v > 0)
+        if index["kind"] == "delta":
+            sc.get(index, "base", "base", "the directory name of a checkpoint next to this one "
+                   "(a plain name: no separator, no leading dot)", is_plain_name)
+        else:
+            sc.get(index, "base", "base", "null or a plain directory name",
+                   lambda v: v is None or is_plain_name(v))
+    files = sc.get(index, "files", "files", "a JSON object", _is_dict)
+    if part is None:
+        if shards > len(files):
+            sc.fail("shard_num", f"the number of sparse files ({len(files)} files)", shards)
+        expected = [_sparse_file(s, shards) for s in range(shards)]
+    else:
+        expected = [_sparse_file(*part)]
+    for name in files:
+        if not is_plain_name(name):
+            sc.fail("files", "names of files inside the checkpoint directory (plain names: "
+                    "no separator, no leading dot)", name)
+    if sorted(set(files) - {DENSE_FILE}) != expected:
+        sc.fail("files", f"the data files {expected} (and {DENSE_FILE!r})", sorted(files))
+    for name, entry in files.items():
+        key = f"files[{name!r}]"
+        sc.get(files, name, key, "a JSON object", _is_dict)
+        sc.get(entry, "crc32", f"{key}['crc32']", "a CRC-32", lambda v: _is_count(v)
+               and v < 2**32)
+        sc.get(entry, "bytes", f"{key}['bytes']", "a file size", lambda v: _is_count(v)
+               and v >= 8)
+        tensors = sc.get(entry, "tensors", f"{key}['tensors']", "a JSON object", _is_dict)
+        for tkey, info in tensors.items():
+            where_t = f"{key}['tensors'][{tkey!r}]"
+            sc.get(tensors, tkey, where_t, "a JSON object", _is_dict)
+            sc.get(info, "dtype", f"{where_t}['dtype']", f"one of {sorted(DTYPE_CODES)}",
+                   lambda v: isinstance(v, str) and v in DTYPE_CODES)
+            sc.get(info, "shape", f"{where_t}['shape']", "a list of sizes", _is_shape)
+    physical = sc.get(index, "physical", "physical", "a JSON object", _is_dict)
+    for name in physical:
+        sc.get(physical, name, f"physical[{name!r}]", "a list of distinct names", _is_names)
+    tables = sc.get(index, "tables", "tables", "a JSON object", _is_dict)
+    for child, info in tables.items():
+        key = f"tables[{child!r}]"
+        sc.get(tables, child, key, "a JSON object", _is_dict)
+        sc.get(info, "physical", f"{key}['physical']", "a table of 'physical' holding it",
+               lambda v, c=child: isinstance(v, str) and c in physical.get(v, []))
+        sc.get(info, "embedding_shape", f"{key}['embedding_shape']", "a list of positive sizes",
+               lambda v: _is_shape(v) and len(v) > 0 and all(d > 0 for d in v))
+        slots = sc.get(info, "slots", f"{key}['slots']", "a JSON object", _is_dict)
+        for slot, spec in slots.items():
+            skey = f"{key}['slots'][{slot!r}]"
+            sc.get(slots, slot, skey, "a JSON object", _is_dict)
+            sc.get(spec, "shape", f"{skey}['shape']", "a list of sizes", _is_shape)
+            sc.get(spec, "dtype", f"{skey}['dtype']", "the name of a dtype (e.g. 'float32')",
+                   lambda v: dtype_code(v) is not None)
+        need = {"id", "row", *slots}
+        sc.get(info, "fields", f"{key}['fields']", "the distinct fields written, with 'id', "
+               "'row' and every slot", lambda v, need=need: _is_names(v) and need <= set(v))
+    policies = sc.get(index, "policies", "policies", "a JSON object", _is_dict)
+    for name, by_tag in policies.items():
+        sc.get(policies, name, f"policies[{name!r}]", "a JSON object", _is_dict)
+        for tag in by_tag:
+            sc.get(by_tag, tag, f"policies[{name!r}][{tag!r}]",
+                   "a policy key ('admit:<hook JSON>' or 'filter:<policy>:<slot>')",
+                   lambda v, tag=tag: _is_policy_key(v) and _policy_tag(v) == tag)
+    sc.get(index, "replaced", "replaced", "a list of table names", _is_names)
+    rows = sc.get(index, "rows", "rows", "a JSON object", _is_dict)
+    for child in rows:
+        sc.get(rows, child, f"rows[{child!r}]", "a row count", _is_count)
+    dense = sc.get(index, "dense", "dense", "a list of tensor names", _is_names)
+    listed = sorted(files[DENSE_FILE]["tensors"]) if DENSE_FILE in files else []
+    if sorted(dense) != listed:
+        sc.fail("dense", f"the tensors listed for {DENSE_FILE!r} ({_short(listed)})", dense)
+    sc.get(index, "extra", "extra", "a JSON object", _is_dict)
+    _check_listings(sc, index)
     return index
 
 
+def _check_listings(sc: _Schema, index: dict) -> None:
+    """The sparse files' tensor listings against the tables: well-formed keys of this file's
+    part, every group known, each logical table's fields exactly as ``tables`` lists them, with
+    the slots' dtypes and row shapes, and as many rows in each of them as IDs."""
+    tables, physical = index["tables"], index["physical"]
+    seen: set[str] = set()
+    for fname, entry in index["files"].items():
+        if fname == DENSE_FILE:
+            continue
+        part = tuple(int(x) for x in re.findall("[0-9]+", fname))
+        groups: dict[str, dict[str, dict]] = {}
+        for key, info in entry["tensors"].items():
+            parsed = _parse_key(key)
+            where = f"files[{fname!r}]['tensors'][{key!r}]"
+            if parsed is None or parsed[2:] != part:
+                sc.fail(where, f"a key '<name>.<field>/part_{part[0]}_{part[1]}' with '%', '/', "
+                        "'.' and '@' in names escaped", key)
+            groups.setdefault(parsed[0], {})[parsed[1]] = info
+        for group, fields in groups.items():
+            where = f"files[{fname!r}]['tensors']"
+            rec = _RECORD_GROUP.fullmatch(group)
+            if rec is not None:
+                _check_record(sc, where, _display(group), _unesc(rec["physical"]),
+                              rec["record"], fields, physical)
+                continue
+            child = _unesc(group)
+            if child not in tables:
+                sc.fail("tables", f"an entry for every table of {where} (no {child!r})")
+            want = tables[child]
+            if set(fields) != set(want["fields"]):
+                sc.fail(f"tables[{child!r}]['fields']", f"the fields of {child!r} in {where}, "
+                        f"{sorted(fields)}", want["fields"])
+            seen.add(child)
+            n = None
+            for field, info in fields.items():
+                spec = want["slots"].get(field)
+                if spec is None:
+                    ok = info["dtype"] == "I64" and len(info["shape"]) == 1
+                    expected = "I64 of shape [n]"
+                else:
+                    ok = (info["dtype"] == dtype_code(spec["dtype"])
+                          and info["shape"][1:] == spec["shape"])
+                    expected = f"{dtype_code(spec['dtype'])} of shape [n, *{spec['shape']}]"
+                if not ok:
+                    sc.fail(f"{where}[{_key(child, field, *part)!r}]", f"{expected} (table "
+                            f"{child!r})", f"{info['dtype']} of shape {info['shape']}")
+                if field != "deleted_id" and info["shape"]:
+                    if n is not None and info["shape"][0] != n:
+                        sc.fail(f"{where}[{_key(child, field, *part)!r}]['shape']",
+                                f"[{n}, ...]: as many rows as IDs", info["shape"])
+                    n = info["shape"][0]
+    for child in tables:
+        if child not in seen:
+            sc.fail(f"tables[{child!r}]", "a table with tensors in the data files (it has none)")
+
+
+def _check_record(sc: _Schema, where: str, name: str, phys: str, record: str,
+                  fields: Mapping[str, dict], physical: Mapping) -> None:
+    """A physical table's record: the table exists; the fields an exact restore reads are there
+    with the shapes it needs."""
+    if phys not in physical:
+        sc.fail("physical", f"an entry for table {phys!r} of the records {name!r} in {where}")
+    need = {"layout": {"capacity": [1], "next_row": [1], "free": None},
+            "unused": {"row": None}, "rng": {"state": None}}.get(record)
+    if need is None:
+        if not _POLICY_RECORD.fullmatch(record):
+            sc.fail(where, "records 'unused', 'layout', 'rng' or 'policy_<tag>'", name)
+        return
+    for field, shape in need.items():
+        info = fields.get(field)
+        if info is None:
+            sc.fail(f"{where}", f"a field {field!r} of the records {name!r}")
+        dtype = "U8" if record == "rng" else "I64"
+        if info["dtype"] != dtype or len(info["shape"]) != 1 or (
+                shape is not None and info["shape"] != shape):
+            sc.fail(f"{where}[{name + '.' + field!r}]", f"{dtype} of shape {shape or '[n]'}",
+                    f"{info['dtype']} of shape {info['shape']}")
+    if record == "unused":
+        for field, info in fields.items():
+            if not info["shape"] or info["shape"][0] != fields["row"]["shape"][0]:
+                sc.fail(f"{where}[{name + '.' + field!r}]['shape']", "[n, ...]: as many rows "
+                        "as 'row'", info["shape"])
+
+
+def read_index(path: str) -> dict:
+    """The index of the checkpoint directory ``path``, checked (a :class:`CheckpointError`
+    naming the file and the key otherwise).
+
+    Checked: ``index.json`` is a regular file (not a symbolic link, FIFO or device) holding a
+    JSON object; its ``index_checksum`` matches its content (any change to the index, other
+    than whitespace, is caught); format and version (indexes of format version 1, without a
+    checksum, are **rejected**: a checkpoint nobody can vouch for is not loaded); and the
+    schema of everything loads read: ``files`` names exactly the checkpoint's data files by
+    plain names (no path, so nothing outside the directory), each with size, CRC-32 and the
+    dtype and shape of each tensor; ``base`` is a plain name; ``tables``, ``physical``,
+    ``policies``, ``replaced``, ``rows``, ``dense``, ``extra`` have their types, and the
+    listings agree with ``tables`` (well-formed keys, each table's fields, slot dtypes and
+    shapes).
+    """
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    index_path = os.path.join(path, INDEX)
+    if not os.path.lexists(index_path):
+        raise CheckpointError(f"{path} has no {INDEX}: not a complete checkpoint")
+    return _checked(_load_json(index_path, "checkpoint index"), index_path)
+
+
 def chain(path: str) -> list[str]:
-    """The checkpoints to apply in order: a full one, then its deltas up to ``path``."""
+    """The checkpoints to apply in order: a full one, then its deltas up to ``path``.
+
+    A delta's ``base`` is a plain name (see :func:`read_index`) of a directory next to it; a
+    base that is a symbolic link, or a chain that comes back to a checkpoint, is rejected."""
     out = [os.path.abspath(path)]
     while True:
         index = read_index(out[0])
         if index["kind"] == "full":
             return out
-        if not index.get("base"):
-            raise CheckpointError(f"delta checkpoint {out[0]} names no base")
-        out.insert(0, os.path.join(os.path.dirname(out[0]), index["base"]))
-        if len(out) > 10_000:
-            raise CheckpointError(f"checkpoint chain of {path} does not end")
+        base = os.path.join(os.path.dirname(out[0]), index["base"])
+        if os.path.islink(base):
+            raise CheckpointError(
+                f"{os.path.join(out[0], INDEX)}: base {index['base']!r} is a symbolic link; a "
+                "base must be a checkpoint directory next to the delta"
+            )
+        if base in out:
+            raise CheckpointError(f"the checkpoint chain of {path} loops at {base}")
+        out.insert(0, base)
 
 
 def _read_sparse(path: str, index: dict) -> dict[str, dict[str, list[Tensor]]]:
-    """child -> field -> [tensor per shard part], after checking every file."""
+    """group -> field -> [tensor per shard part], after checking every file.
+
+    Groups are escaped (:func:`_esc` of a child's name, :func:`_rec` of a physical table's
+    record), so no name can collide with another; fields are the slot names, unescaped."""
     out: dict[str, dict[str, list[Tensor]]] = {}
     for fname, expected in sorted(index["files"].items()):
         if fname == DENSE_FILE:
             continue
         for key, t in read_safetensors(os.path.join(path, fname), expected).items():
-            name, _, _ = key.partition("/")
-            child, _, field = name.rpartition(".")
-            out.setdefault(child, {}).setdefault(field, []).append(t)
+            parsed = _parse_key(key)
+            if parsed is None:
+                raise CheckpointError(f"checkpoint file {os.path.join(path, fname)}: "
+                                      f"{key!r} is not a checkpoint key")
+            group, field, _, _ = parsed
+            out.setdefault(group, {}).setdefault(field, []).append(t)
     return out
 
 
@@ -470,6 +860,7 @@ class Loader:
                 and all(ix["shard_num"] == 1 for ix in indexes)
                 and last["physical"].get(table.name) == kids
                 and table.slice == Slice(0, SLICE_SIZE, SLICE_SIZE)
+                and all(_rec(table.name, "layout") in c for c in contents)  # not filtered out
             )
             if exact:
                 _restore_exact(table, contents)
@@ -504,7 +895,7 @@ class _RowReplay:
     """
 
     def __init__(self, physical: str, children: list[str], device: torch.device):
-        self.phys, self.children, self.device = "@" + physical, children, device
+        self.phys, self.children, self.device = "@" + _esc(physical), children, device
         self.owned = torch.zeros(0, dtype=torch.bool, device=device)
         self.owner_id = torch.zeros(0, dtype=torch.int64, device=device)
         self.owner_tag = torch.zeros(0, dtype=torch.int64, device=device)
@@ -526,7 +917,7 @@ class _RowReplay:
             self.owner_id = torch.cat([self.owner_id, self.owner_id.new_zeros(extra)])
             self.owner_tag = torch.cat([self.owner_tag, self.owner_tag.new_zeros(extra)])
         groups = [(content.get(self.phys + ".unused", {}), None)]
-        groups += [(content.get(c, {}), i) for i, c in enumerate(self.children)]
+        groups += [(content.get(_esc(c), {}), i) for i, c in enumerate(self.children)]
         for fields, idx in groups:
             if "row" not in fields:
                 continue
@@ -552,8 +943,8 @@ def _restore_exact(table: HashTable, contents: list[dict]) -> None:
     (also the rows without an ID, which new IDs will take), same allocator and RNG state; so
     training continues exactly as if it had not stopped. Slots or rows the checkpoint does not
     hold (a slot added since, another block size) get their defaults."""
-    phys = "@" + table.name
-    layout = {f: _cat(contents[-1][phys + ".layout"], f) for f in ("capacity", "next_row")}
+    layout_fields = contents[-1][_rec(table.name, "layout")]
+    layout = {f: _cat(layout_fields, f) for f in ("capacity", "next_row")}
     capacity = int(layout["capacity"][0])
     replay = _RowReplay(table.name, table.children_hashtable, table.device)
     slots = set(table.slot_names)
@@ -592,7 +983,7 @@ def _restore_policies(table: HashTable, content: dict, policies: Mapping, exact:
             policy = table.admit_policy(AdmitHook(spec["name"], spec["params"]))
         if policy is None:
             continue  # a filter this table does not have
-        fields = content.get(f"@{table.name}.policy_{tag}", {})
+        fields = content.get(_rec(table.name, f"policy_{tag}"), {})
         parts = max((len(v) for v in fields.values()), default=0)
         shard_states = [{f: v[i] for f, v in fields.items()} for i in range(parts)]
         states[key] = (shard_states[0] if exact and parts == 1
@@ -605,7 +996,7 @@ def _merge_by_id(contents: list[dict], indexes: list[dict], child: str
     """A child's live rows after a chain, by ID: ``{"id": ..., slot: ...}`` (None if absent)."""
     cur = None
     for content, index in zip(contents, indexes, strict=True):
-        fields = content.get(child)
+        fields = content.get(_esc(child))
         if fields is None:
             continue
         if child in index.get("replaced", []):
@@ -659,7 +1050,8 @@ class CheckpointReader:
     """Read-only view of a checkpoint: names, shapes, dtypes and values of its tensors.
 
     Sparse tensors are named ``child@field`` (``field`` is ``id`` or a slot), concatenated over
-    shards; dense tensors by their name. Example::
+    shards, with the names as given (unescaped); a physical table's records are
+    ``@table.record@field``; dense tensors by their name. Example::
 
         r = CheckpointReader("ckpt/ckpt_000100")
         r.tensor_names()                   # ['item@embedding', 'item@id', ..., 'dense.weight']
@@ -673,13 +1065,17 @@ class CheckpointReader:
 
     def _all(self) -> dict[str, Tensor]:
         if self._cache is None:
-            out = {}
-            for child, fields in _read_sparse(self.path, self.index).items():
+            named = []
+            for group, fields in _read_sparse(self.path, self.index).items():
                 for field, parts in fields.items():
-                    out[f"{child}@{field}"] = torch.cat(parts)
+                    named.append((f"{_display(group)}@{field}", torch.cat(parts)))
             if DENSE_FILE in self.index["files"]:
-                out.update(read_safetensors(os.path.join(self.path, DENSE_FILE),
-                                            self.index["files"][DENSE_FILE]))
+                named += read_safetensors(os.path.join(self.path, DENSE_FILE),
+                                          self.index["files"][DENSE_FILE]).items()
+            out = dict(named)
+            if len(out) != len(named):
+                raise CheckpointError(f"{self.path}: two tensors have the same name "
+                                      "(a table named like another's records or a dense tensor)")
             self._cache = out
         return self._cache
 
@@ -715,9 +1111,16 @@ def compact(path: str, out: str) -> str:
     contents = [_read_sparse(p, ix) for p, ix in zip(paths, indexes, strict=True)]
     data: dict[str, Tensor] = {}
     for phys_name, kids in last["physical"].items():
-        slots = last["tables"][kids[0]]["slots"]
+        kept = [c for c in kids if c in last["tables"]]
+        if not kept:  # a save's filter_func dropped the whole table
+            continue
+        if not all(_rec(phys_name, "layout") in c for c in contents):
+            raise CheckpointError(f"compact() needs the allocator layout of table {phys_name!r} "
+                                  "in every checkpoint of the chain; a filter_func dropped it")
+        slots = last["tables"][kept[0]]["slots"]
         replay = _RowReplay(phys_name, kids, torch.device("cpu"))
-        storage: dict[str, Tensor] = {}
+        storage = {s: torch.zeros(0, *info["shape"], dtype=dtype_from_name(info["dtype"]))
+                   for s, info in slots.items()}  # every slot, also of a table without rows
 
         def grow(capacity: int, storage=storage, slots=slots) -> None:
             for s, info in slots.items():
@@ -733,25 +1136,27 @@ def compact(path: str, out: str) -> str:
 
         for content in contents:
             replay.apply(content, write, grow)
-        phys = "@" + phys_name
+        phys = "@" + _esc(phys_name)
         for idx, child in enumerate(kids):
+            if child not in last["tables"]:  # nothing of it was saved
+                continue
             rows = replay.live(idx)
             data[_key(child, "id", 0, 1)] = replay.owner_id[rows]
             data[_key(child, "row", 0, 1)] = rows
             for s, values in storage.items():
                 data[_key(child, s, 0, 1)] = values[rows]
         rows = (~replay.owned).nonzero().squeeze(1)
-        data[_key(phys + ".unused", "row", 0, 1)] = rows
+        data[_gkey(phys + ".unused", "row", 0, 1)] = rows
         for s, values in storage.items():
-            data[_key(phys + ".unused", s, 0, 1)] = values[rows]
+            data[_gkey(phys + ".unused", s, 0, 1)] = values[rows]
         for f, v in replay.layout.items():
-            data[_key(phys + ".layout", f, 0, 1)] = v
+            data[_gkey(phys + ".layout", f, 0, 1)] = v
         if replay.rng is not None:
-            data[_key(phys + ".rng", "state", 0, 1)] = replay.rng
+            data[_gkey(phys + ".rng", "state", 0, 1)] = replay.rng
         for name, fields in contents[-1].items():  # policies' state, as last saved
             if name.startswith(phys + ".policy_"):
                 for f in fields:
-                    data[_key(name, f, 0, 1)] = _cat(fields, f)
+                    data[_gkey(name, f, 0, 1)] = _cat(fields, f)
     if os.path.exists(out):
         raise CheckpointError(f"{out} already exists")
     staging = _staging(out)
@@ -761,9 +1166,13 @@ def compact(path: str, out: str) -> str:
     if DENSE_FILE in last["files"]:
         shutil.copy2(os.path.join(paths[-1], DENSE_FILE), os.path.join(staging, DENSE_FILE))
         files[DENSE_FILE] = last["files"][DENSE_FILE]
-    rows_per_child = {c: int(data[_key(c, "id", 0, 1)].numel())
-                      for kids in last["physical"].values() for c in kids}
+    written = _written(data)
+    tables = {c: {**info, "slots": {s: v for s, v in info["slots"].items()
+                                    if s in written[_esc(c)]},
+                  "fields": sorted(written[_esc(c)])}
+              for c, info in last["tables"].items()}
+    rows_per_child = {c: int(data[_key(c, "id", 0, 1)].numel()) for c in tables}
     index = {**last, "kind": "full", "base": None, "shard_num": 1, "files": files,
-             "rows": rows_per_child, "replaced": []}
+             "tables": tables, "rows": rows_per_child, "replaced": []}
     _publish_dir(staging, out, index)
     return out
