@@ -10,6 +10,12 @@ as a whole block.
 Random initializers take an optional :class:`torch.Generator`; when given, every draw comes
 from it (and is made on the generator's device), otherwise from torch's global RNG.
 
+Tables draw a new row from :meth:`Initializer.rows_for_ids` instead: its values are a pure
+function of ``(seed, key, ID)`` (a counter-based generator: a 64-bit hash of the ID, the key
+and the element's position, turned into a uniform number and then into the distribution), so
+an ID starts from the same row whatever the order of insertion, the block size, the other IDs
+of the batch, or the number of processes the table is sharded over.
+
 The RecIS-style protocol (:meth:`~Initializer.set_shape`, :meth:`~Initializer.set_dtype`,
 :meth:`~Initializer.build`, :meth:`~Initializer.generate`, :meth:`~Initializer.impl`) is kept
 for compatibility.
@@ -142,6 +148,44 @@ def _compute_fans(fan_shape: tuple[int, ...], where: str) -> tuple[int, int]:
     return fan_in, fan_out
 
 
+# ----------------------------------------------------------------------------- counter RNG
+
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _lsr(x: torch.Tensor, n: int) -> torch.Tensor:
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping arithmetic, as uint64)."""
+    x = (x ^ _lsr(x, 30)) * _MIX1
+    x = (x ^ _lsr(x, 27)) * _MIX2
+    return x ^ _lsr(x, 31)
+
+
+def mix_seed(*parts: int | str) -> int:
+    """A 64-bit key from integers and strings (stable across processes and machines)."""
+    import hashlib
+
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little", signed=True)
+
+
+def counter_uniform(ids: torch.Tensor, keys: torch.Tensor | int, width: int) -> torch.Tensor:
+    """``(len(ids), width)`` float64 uniform numbers in (0, 1), a pure function of each
+    ``(key, id, column)``: the same ID and key give the same numbers on any device, in any
+    batch. ``keys`` is one int64 per ID, or one int for all."""
+    ids = ids.to(torch.int64)
+    keys = torch.as_tensor(keys, dtype=torch.int64, device=ids.device)
+    base = _mix64(ids ^ _mix64(keys + _GOLDEN))  # (n,)
+    cols = torch.arange(1, width + 1, dtype=torch.int64, device=ids.device) * _GOLDEN
+    bits = _lsr(_mix64(base[:, None] + cols), 11)  # 53 random bits
+    return (bits.to(torch.float64) + 0.5) * 2.0**-53
+
+
 # ----------------------------------------------------------------------------- base class
 
 
@@ -259,6 +303,59 @@ class Initializer:
             return torch.empty(shape, dtype=dtype, device=device)
         out = self._sample(shape, compute_dtype, sample_device, fan_shape)
         return out.to(device=device, dtype=dtype)
+
+    def rows_for_ids(
+        self,
+        ids: torch.Tensor,
+        keys: torch.Tensor | int,
+        row_shape: Sequence[int],
+        dtype: torch.dtype,
+        fan_shape: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        r"""Initial rows of ``ids`` as a pure function of ``(key, id)``.
+
+        Each value comes from a counter-based generator (:func:`counter_uniform`): no state
+        is consumed, so the row of an ID does not depend on which other IDs are drawn, in
+        which order, on which device or in which process. Tables pass ``keys`` derived from
+        their seed and the ID's logical table, so two tables give an ID different rows.
+
+        Args:
+            ids (Tensor): ``(n,)`` int64 IDs; the result is on their device.
+            keys (Tensor or int): one int64 key per ID, or one for all.
+            row_shape (sequence of int): shape of one row.
+            dtype (torch.dtype): dtype of the result (random initializers: floating).
+            fan_shape (sequence of int, optional): as in :meth:`generate_rows`. Default:
+                ``(n, *row_shape)``.
+
+        Returns:
+            Tensor of shape ``[n, *row_shape]``.
+
+        Example::
+
+            >>> init = NormalInitializer(std=0.1)
+            >>> a = init.rows_for_ids(torch.tensor([7, 8]), 1, (4,), torch.float32)
+            >>> torch.equal(a[1], init.rows_for_ids(torch.tensor([8]), 1, (4,), torch.float32)[0])
+            True
+        """
+        row_shape = _check_shape(row_shape, "row_shape", f"{type(self).__name__}.rows_for_ids")
+        shape = (ids.numel(), *row_shape)
+        if not self.is_random:
+            return self._fill(shape, dtype, ids.device)
+        if not dtype.is_floating_point:
+            raise TypeError(f"{type(self).__name__} needs a floating dtype, got {dtype}")
+        fan_shape = shape if fan_shape is None else tuple(fan_shape)
+        u = counter_uniform(ids.reshape(-1), keys, math.prod(row_shape)).view(shape)
+        return self._from_uniform(u, fan_shape).to(dtype)
+
+    def _from_uniform(self, u: torch.Tensor, fan_shape: tuple[int, ...]) -> torch.Tensor:
+        """Random initializers turn uniform numbers in (0, 1) (float64) into their
+        distribution here (inverse CDF), for :meth:`rows_for_ids`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _from_uniform")
+
+    @property
+    def seed(self) -> int | None:
+        """The generator's seed (None without a generator): tables mix it into their keys."""
+        return None if self._generator is None else self._generator.initial_seed()
 
     def _fill(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
         """Deterministic initializers build their rows here."""
@@ -409,6 +506,9 @@ class UniformInitializer(Initializer):
         out = torch.empty(shape, dtype=dtype, device=device)
         return out.uniform_(self.a, self.b, generator=self._generator)
 
+    def _from_uniform(self, u, fan_shape):
+        return u * (self.b - self.a) + self.a
+
     def _params(self):
         return {"a": self.a, "b": self.b}
 
@@ -440,6 +540,9 @@ class NormalInitializer(Initializer):
     def _sample(self, shape, dtype, device, fan_shape):
         out = torch.empty(shape, dtype=dtype, device=device)
         return out.normal_(self.mean, self.std, generator=self._generator)
+
+    def _from_uniform(self, u, fan_shape):
+        return torch.special.ndtri(u) * self.std + self.mean
 
     def _params(self):
         return {"mean": self.mean, "std": self.std}
@@ -489,7 +592,15 @@ class TruncNormalInitializer(Initializer):
         if not self.a < self.b:
             raise ValueError(f"{where}: expected a < b, got a={self.a} and b={self.b}")
 
+    def _from_uniform(self, u, fan_shape):
+        return self._truncated(u, u.shape, u.dtype, u.device)
+
     def _sample(self, shape, dtype, device, fan_shape):
+        return self._truncated(None, shape, dtype, device)
+
+    def _truncated(self, u, shape, dtype, device):
+        """Inverse-CDF sampling of the truncated normal from ``u`` (drawn from the generator
+        when None)."""
         if self.std == 0.0:
             value = min(max(self.mean, self.a), self.b)
             return torch.full(shape, value, dtype=dtype, device=device)
@@ -508,8 +619,11 @@ class TruncNormalInitializer(Initializer):
         p_lo, p_hi = normal_cdf(alpha), normal_cdf(beta)
         finfo = torch.finfo(dtype)
         # p ~ U(p_lo, p_hi), kept inside (0, 1) so the inverse CDF stays finite.
-        p = torch.empty(shape, dtype=dtype, device=device)
-        p.uniform_(0.0, 1.0, generator=self._generator)
+        if u is None:
+            p = torch.empty(shape, dtype=dtype, device=device)
+            p.uniform_(0.0, 1.0, generator=self._generator)
+        else:
+            p = u.clone()
         p.mul_(p_hi - p_lo).add_(p_lo).clamp_(finfo.tiny, 1.0 - finfo.eps / 2)
         z = torch.special.ndtri(p)
         if flip:
@@ -562,6 +676,10 @@ class XavierUniformInitializer(Initializer):
         out = torch.empty(shape, dtype=dtype, device=device)
         return out.uniform_(-bound, bound, generator=self._generator)
 
+    def _from_uniform(self, u, fan_shape):
+        bound = math.sqrt(3.0) * self._std(fan_shape)
+        return u * (2 * bound) - bound
+
     def _params(self):
         return {"gain": self.gain}
 
@@ -585,6 +703,9 @@ class XavierNormalInitializer(XavierUniformInitializer):
     def _sample(self, shape, dtype, device, fan_shape):
         out = torch.empty(shape, dtype=dtype, device=device)
         return out.normal_(0.0, self._std(fan_shape), generator=self._generator)
+
+    def _from_uniform(self, u, fan_shape):
+        return torch.special.ndtri(u) * self._std(fan_shape)
 
 
 class KaimingUniformInitializer(Initializer):
@@ -657,6 +778,10 @@ class KaimingUniformInitializer(Initializer):
         out = torch.empty(shape, dtype=dtype, device=device)
         return out.uniform_(-bound, bound, generator=self._generator)
 
+    def _from_uniform(self, u, fan_shape):
+        bound = math.sqrt(3.0) * self._std(fan_shape)
+        return u * (2 * bound) - bound
+
     def _params(self):
         return {"a": self.a, "mode": self.mode, "nonlinearity": self.nonlinearity}
 
@@ -703,3 +828,6 @@ class KaimingNormalInitializer(KaimingUniformInitializer):
     def _sample(self, shape, dtype, device, fan_shape):
         out = torch.empty(shape, dtype=dtype, device=device)
         return out.normal_(0.0, self._std(fan_shape), generator=self._generator)
+
+    def _from_uniform(self, u, fan_shape):
+        return torch.special.ndtri(u) * self._std(fan_shape)
