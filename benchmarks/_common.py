@@ -34,26 +34,12 @@ DIM = 64
 Timed = Callable[[], float]
 
 
-def ensure_passive_omp() -> None:
-    """Re-exec this script with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set.
-
-    On this 2-vCPU VM, libgomp's spinning workers (the default policy) make torch's parallel
-    ops (sort, unique, index_add, embedding_bag backward) take ~200 ms instead of ~1 ms in some
-    processes, at random. The policy is read when torch loads libgomp, hence the re-exec. Set
-    ``OMP_WAIT_POLICY`` yourself (e.g. ``ACTIVE``) to measure another policy.
-    """
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
-
-
 def setup_torch() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(SEED)
 
 
 def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
-    ensure_passive_omp()
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="fast smoke run (few repeats)")
     if extra is not None:

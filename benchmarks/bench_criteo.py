@@ -19,10 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "criteo-sample"
 TRAIN = [DATA / f"part-{i}.orc" for i in range(4)]

@@ -23,18 +23,14 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-# Spinning OpenMP workers of torch steal the CPU from the table kernels' threads after every
-# torch op (2-10x slower steps on small machines); must be set before torch starts OpenMP.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import torch  # noqa: E402
-
-from recis.examples.deepfm_model import DeepFM  # noqa: E402
-from recis.framework import Trainer, TrainingArguments  # noqa: E402
-from recis.hooks.filter_hook import HashTableFilterHook  # noqa: E402
-from recis.nn import HashTable  # noqa: E402
-from recis.nn.modules.hashtable import filter_out_sparse_param  # noqa: E402
-from recis.optim import SparseAdagrad, SparseAdam, SparseAdamW, SparseSGD  # noqa: E402
+from recis.examples.deepfm_model import DeepFM
+from recis.framework import Trainer, TrainingArguments
+from recis.hooks.filter_hook import HashTableFilterHook
+from recis.nn import HashTable
+from recis.nn.modules.hashtable import filter_out_sparse_param
+from recis.optim import SparseAdagrad, SparseAdam, SparseAdamW, SparseSGD
 
 logger = logging.getLogger("recis.examples.deepfm")
 

@@ -4,7 +4,10 @@ It overrides the kernels of :class:`~.torch_backend.TorchBackend` for CPU tensor
 back to them for dtypes the compiled kernels do not cover (float16, bfloat16). Kernels that
 touch random rows split their range over ``torch.get_num_threads()`` threads when the work is
 large enough (:func:`run_ranges`): they release the GIL and each range writes disjoint
-outputs, so results do not depend on the split, and the threads overlap cache misses.
+outputs, so results do not depend on the split, and the threads overlap cache misses. The
+threads are torch's own OpenMP threads (:mod:`.omp`), so the kernels and torch's ops share one
+pool instead of competing for the cores (no ``OMP_WAIT_POLICY`` tuning needed); where that is
+not possible, or ``RECIS_PARALLEL=pool`` asks for it, a thread pool of this module.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import numba_kernels as nk
+from . import omp
 from .base import BlockList
 from .torch_backend import TorchBackend
 
@@ -56,6 +60,8 @@ def run_ranges(fn: Callable, n: int, *args, work: int | None = None) -> None:
     """Run ``fn(*args, lo, hi)`` over ``[0, n)``, split across threads when ``work`` (default
     ``n``) items make it worth it."""
     parts = _threads() if (n if work is None else work) >= PARALLEL_MIN else 1
+    if parts > 1 and omp.run(fn, n, args, parts):
+        return
     bounds = [n * k // parts for k in range(parts + 1)]
     _run_all([functools.partial(fn, *args, bounds[k], bounds[k + 1]) for k in range(parts)])
 
