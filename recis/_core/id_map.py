@@ -90,29 +90,44 @@ class IdMap:
         return self.backend.map_lookup(self._table, ids, tags)
 
     def lookup_or_insert(
-        self, ids: Tensor, tags: Tensor | None = None, *, assume_unique: bool = False
-    ) -> Tensor:
+        self, ids: Tensor, tags: Tensor | None = None, *, assume_unique: bool = False,
+        return_inserted: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Row of each ID, inserting the absent ones (first-occurrence order) as it goes.
 
         ``assume_unique=True`` skips deduplication when the caller knows the keys are unique.
+        ``return_inserted=True`` also returns the mask of the keys that were inserted (of
+        repeated keys, the first occurrence).
         """
         if ids.numel() == 0:
-            return torch.zeros(0, dtype=torch.int64, device=self.device)
+            rows = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return (rows, rows.bool()) if return_inserted else rows
         if not assume_unique:
             uniq, uniq_tags, inverse = self.backend.unique_with_inverse(ids, tags)
-            return self.lookup_or_insert(uniq, uniq_tags, assume_unique=True)[inverse]
+            rows, inserted = self.lookup_or_insert(uniq, uniq_tags, assume_unique=True,
+                                                   return_inserted=True)
+            if not return_inserted:
+                return rows[inverse]
+            first = torch.zeros(ids.numel(), dtype=torch.bool, device=self.device)
+            positions = torch.full((uniq.numel(),), ids.numel(), dtype=torch.int64,
+                                   device=self.device)
+            positions.scatter_reduce_(0, inverse, torch.arange(ids.numel(), device=self.device),
+                                      "amin")
+            first[positions[inserted]] = True
+            return rows[inverse], first
         self._reserve(ids.numel())
         if self._n_free == 0 and self._free.numel():
             self._free = self._free[:0]
-        rows, n_new, self._n_free, self._next_row, reused = self.backend.map_lookup_or_insert(
-            self._table, ids, tags, self._free, self._n_free, self._next_row
-        )
+        rows, inserted, self._n_free, self._next_row, reused = \
+            self.backend.map_lookup_or_insert(self._table, ids, tags, self._free, self._n_free,
+                                              self._next_row)
         if self._next_row > ROW_MASK:
             raise RuntimeError(f"ID map holds more than {ROW_MASK} rows")
+        n_new = int(inserted.sum())
         self._size += n_new
         self._used += n_new - reused
         self.inserted_total += n_new
-        return rows
+        return (rows, inserted) if return_inserted else rows
 
     def delete(self, ids: Tensor, tags: Tensor | None = None) -> Tensor:
         """Remove IDs; returns the freed rows (-1 for IDs that were absent), which become the

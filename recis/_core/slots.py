@@ -29,8 +29,9 @@ class SlotSpec:
         name (str): the slot's name, unique in its table (also its checkpoint key).
         row_shape (tuple[int, ...]): shape of one row, e.g. ``(64,)`` or ``(1,)``.
         dtype (torch.dtype): storage dtype.
-        default: a number, or an initializer (an object with ``generate_rows``), giving the
-            values of new and reset rows. Default: 0.
+        default: a number, the value of new and reset rows; or an initializer (an object
+            with ``rows_for_ids``), which gives each new row values drawn from its ID when the
+            ID is inserted. Default: 0.
         saved (bool): written to checkpoints. Default: True.
 
     Example::
@@ -61,6 +62,12 @@ class SlotSpec:
     @property
     def width(self) -> int:
         return math.prod(self.row_shape)
+
+    @property
+    def keyed(self) -> bool:
+        """The default is an initializer: a new row's values are drawn from its ID
+        (``rows_for_ids``) when the ID is inserted; rows without an ID hold zeros."""
+        return hasattr(self.default, "rows_for_ids")
 
 
 class SlotStore:
@@ -152,13 +159,25 @@ class SlotStore:
 
     # -- rows --------------------------------------------------------------------------------
     def _default_rows(self, spec: SlotSpec, n: int) -> Tensor:
-        default = spec.default
-        if hasattr(default, "generate_rows"):
-            values = default.generate_rows(
-                n, spec.row_shape, spec.dtype, self.device, (self.block_size, *spec.row_shape)
-            )
-            return values.reshape(n, spec.width).contiguous()
-        return torch.full((n, spec.width), default, dtype=spec.dtype, device=self.device)
+        """Values of rows that hold no ID: the constant default, or zeros for a keyed slot
+        (its rows get values when an ID is inserted, see :meth:`initialize`)."""
+        value = 0 if spec.keyed else spec.default
+        return torch.full((n, spec.width), value, dtype=spec.dtype, device=self.device)
+
+    def initialize(self, rows: Tensor, ids: Tensor, keys_of: dict[str, Tensor]) -> None:
+        """Write the keyed slots' initial values of newly inserted ``ids`` into ``rows``;
+        ``keys_of[slot]``: one int64 key per ID."""
+        if rows.numel() == 0:
+            return
+        for name, keys in keys_of.items():
+            spec = self._specs[name]
+            values = spec.default.rows_for_ids(ids, keys, spec.row_shape, spec.dtype,
+                                               (self.block_size, *spec.row_shape))
+            self.backend.scatter(self._blocks[name], rows,
+                                 values.reshape(-1, spec.width).contiguous())
+
+    def keyed_slots(self) -> list[str]:
+        return [n for n, spec in self._specs.items() if spec.keyed]
 
     def gather(self, name: str, rows: Tensor) -> Tensor:
         """Rows of a slot as ``[len(rows), *row_shape]``; zeros where ``rows == -1``."""
@@ -186,9 +205,7 @@ class SlotStore:
         if rows.numel() == 0:
             return
         for name in self._specs if names is None else names:
-            spec = self._specs[name]
-            n = 1 if not hasattr(spec.default, "generate_rows") else rows.numel()
-            self.backend.scatter(self._blocks[name], rows, self._default_rows(spec, n))
+            self.backend.scatter(self._blocks[name], rows, self._default_rows(self._specs[name], 1))
 
     def value(self, name: str, num_rows: int | None = None) -> Tensor:
         """The first ``num_rows`` rows of a slot (all blocks if None), concatenated (a copy)."""

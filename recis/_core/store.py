@@ -30,7 +30,7 @@ call, in first-occurrence order, take the smallest freed rows first, then fresh 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .backends import Backend, backend_for, check_rows
+from .counter_rng import mix_seed
 from .id_map import IdMap
 from .policy import TablePolicy
 from .rwlock import RWLock
@@ -103,6 +104,11 @@ class TableStore:
         block_size (int): rows per block.
         device (torch.device): where the rows live.
         backend (Backend, optional): the kernels. Default: :func:`backend_for` the device.
+        children (list[str]): the logical tables (tags 0, 1, ...): their names key the initial
+            values. Default: ``["table"]``.
+        seed (int): mixed into the keys of initial values: a new row of a slot with an
+            initializer default is ``default.rows_for_ids(id, key(seed, child, slot))``, so the
+            same ID gets the same row in every process and every shard. Default: 0.
 
     Example::
 
@@ -115,8 +121,12 @@ class TableStore:
     """
 
     def __init__(self, embedding: SlotSpec, block_size: int, device: torch.device | str,
-                 backend: Backend | None = None):
+                 backend: Backend | None = None, children: Sequence[str] = ("table",),
+                 seed: int = 0):
         self.lock = RWLock()
+        self._children = list(children)
+        self._seed = int(seed)
+        self._keys: dict[str, Tensor] = {}  # keyed slot -> one init key per child
         self._device = torch.device(device)
         self._backend = backend if backend is not None else backend_for(self._device)
         self._map = IdMap(self._device, backend=self._backend)
@@ -164,6 +174,42 @@ class TableStore:
             raise TypeError(f"spec must be a SlotSpec, got {type(spec).__name__}")
         with self.lock.write():
             self._slots.add_slot(spec)
+            if spec.keyed and len(self._map):  # rows that exist get values from their IDs
+                ids, tags, rows = self._map.items()
+                self._slots.initialize(rows, ids, {spec.name: self._slot_keys(spec.name, tags)})
+
+    @property
+    def seed(self) -> int:
+        """The seed of the initial values' keys (see the class docstring)."""
+        return self._seed
+
+    def reseed(self, seed: int) -> None:
+        """Key the initial values of IDs inserted from now on with ``seed`` (a checkpoint
+        load gives a table the seed it was saved with)."""
+        with self.lock.write():
+            self._seed = int(seed)
+            self._keys.clear()
+
+    def _slot_keys(self, slot: str, tags: Tensor | None) -> Tensor:
+        keys = self._keys.get(slot)
+        if keys is None:
+            keys = torch.tensor([mix_seed(self._seed, child, slot) for child in self._children],
+                                dtype=torch.int64, device=self._device)
+            self._keys[slot] = keys
+        return keys[0] if tags is None else keys[tags]
+
+    def _insert(self, ids: Tensor, tags: Tensor | None) -> Tensor:
+        """Rows of unique keys, inserting the absent ones; new rows of keyed slots get their
+        initial values."""
+        rows, inserted = self._map.lookup_or_insert(ids, tags, assume_unique=True,
+                                                    return_inserted=True)
+        self._grow()
+        keyed = self._slots.keyed_slots()
+        if keyed and bool(inserted.any()):
+            new_tags = None if tags is None else tags[inserted]
+            self._slots.initialize(rows[inserted], ids[inserted],
+                                   {s: self._slot_keys(s, new_tags) for s in keyed})
+        return rows
 
     def has_slot(self, name: str) -> bool:
         return self._slots.has_slot(name)
@@ -213,41 +259,43 @@ class TableStore:
     def lookup_or_insert(self, ids: Tensor, tags: Tensor | None = None) -> Tensor:
         """Row of each key, inserting absent keys (their rows hold every slot's default)."""
         with self.lock.write():
-            rows = self._map.lookup_or_insert(ids, tags)
-            self._grow()
-            return rows
+            uniq, uniq_tags, inverse = self._backend.unique_with_inverse(ids, tags)
+            return self._insert(uniq, uniq_tags)[inverse]
 
     def resolve(self, ids: Tensor, tags: Tensor | None = None, *, training: bool,
-                admit: TablePolicy | None = None, count: bool = False) -> Resolved:
+                admit: TablePolicy | None = None, count: bool = False,
+                occurrences: Tensor | None = None) -> Resolved:
         """Rows of a batch of keys, deduplicated.
 
         With ``training`` unknown keys are inserted (if ``admit`` is None) or offered to
         ``admit.admit(store, ids, tags, counts)``, which returns the mask of keys to insert;
         the valid rows are then touched (policies' :meth:`~TablePolicy.on_touch`) and marked
         written. Without ``training`` nothing is written and unknown keys get -1.
-        ``count``: also return the occurrences of each unique key.
+        ``count``: also return the occurrences of each unique key (``occurrences``: a count
+        per key of ``ids``, summed, instead of one per key).
         """
         with self.lock.write() if training else self.lock.read():
             uniq, uniq_tags, inverse = self._backend.unique_with_inverse(ids, tags)
             admitting = training and admit is not None and not getattr(
                 admit, "admits_nothing", False)
-            counts = (torch.bincount(inverse, minlength=uniq.numel())
-                      if count or admitting else None)
+            counts = None
+            if count or admitting:
+                counts = (torch.bincount(inverse, minlength=uniq.numel()) if occurrences is None
+                          else torch.zeros(uniq.numel(), dtype=torch.int64, device=self._device)
+                          .index_add_(0, inverse, occurrences.to(torch.int64)))
             if not training or (admit is not None and not admitting):
                 rows = self._map.lookup(uniq, uniq_tags)
             elif admit is None:
-                rows = self._map.lookup_or_insert(uniq, uniq_tags, assume_unique=True)
+                rows = self._insert(uniq, uniq_tags)
             else:
                 rows = self._map.lookup(uniq, uniq_tags)
                 missing = (rows < 0).nonzero().squeeze(1)
                 if missing.numel():
                     miss_tags = None if uniq_tags is None else uniq_tags[missing]
                     take = missing[admit.admit(self, uniq[missing], miss_tags, counts[missing])]
-                    rows[take] = self._map.lookup_or_insert(
-                        uniq[take], None if uniq_tags is None else uniq_tags[take],
-                        assume_unique=True)
+                    rows[take] = self._insert(
+                        uniq[take], None if uniq_tags is None else uniq_tags[take])
             if training:
-                self._grow()
                 self._touch(rows if admit is None else rows[rows >= 0])
             return Resolved(rows, inverse, counts)
 
@@ -314,6 +362,11 @@ class TableStore:
             grown[: self._written.numel()] = self._written
             self._written = grown
         self._written[rows] = True
+
+    @property
+    def changes_complete(self) -> bool:
+        """False when the log of removed IDs overflowed: only a full save captures the table."""
+        return self._removed.complete
 
     def changes(self) -> Changes:
         """Rows written and keys removed since :meth:`mark_saved`."""
@@ -395,11 +448,13 @@ class TableStore:
 
     # -- exact layout (checkpoints) ------------------------------------------------------------
     def layout(self) -> dict[str, Tensor]:
-        """Row allocator state: ``capacity``, ``next_row`` and the free rows (CPU tensors)."""
+        """Row allocator state (``capacity``, ``next_row``, the free rows) and the seed of the
+        initial values (``init_seed``), as CPU tensors."""
         with self.lock.read():
             return {"capacity": torch.tensor([self.capacity]),
                     "next_row": torch.tensor([self._map.row_high_water]),
-                    "free": self._map.free_rows().cpu()}
+                    "free": self._map.free_rows().cpu(),
+                    "init_seed": torch.tensor([self._seed])}
 
     @contextlib.contextmanager
     def restoring(self, capacity: int) -> Iterator[_Restore]:
@@ -447,6 +502,7 @@ class TableStore:
             self._written = self._written.to(device)
             self._removed.parts = [(i.to(device), t.to(device)) for i, t in self._removed.parts]
             self._device, self._backend = device, backend
+            self._keys.clear()
 
     def copy_from(self, other: TableStore) -> None:
         """Make this table's rows, layout, slot values and policy states equal to ``other``'s
@@ -464,6 +520,7 @@ class TableStore:
                 restore.write(name, torch.arange(value.shape[0], device=self._device),
                               value.to(self._device))
             restore.set_keys(ids, tags, rows, int(layout["next_row"][0]), layout["free"])
+        self.reseed(other.seed)
         self.load_policy_states({k: v for k, v in states.items() if k in self._policies})
 
 

@@ -6,6 +6,11 @@ admission and the GlobalStepFilter matter). ``--data`` trains on files in the Cr
 
     python -m recis.examples.deepfm                       # synthetic stream, ~1 minute
     python -m recis.examples.deepfm --data part-[0-3].orc --eval-data part-4.orc part-5.orc
+    torchrun --standalone --nproc_per_node 2 -m recis.examples.deepfm   # 2 processes
+
+Under torchrun the tables are sharded over the processes, the dense layers are data-parallel,
+and ``--batch-size`` is the global batch (each process takes its share of every batch), so N
+processes reach the results of one.
 
 Prints a progress bar, then one JSON line with the final figures; writes
 ``OUTPUT/metrics.json`` and ``OUTPUT/training.png`` (loss, eval AUC, live IDs per table).
@@ -65,26 +70,47 @@ def _files(patterns: list[str]) -> list[str]:
 
 
 def build_data(args: argparse.Namespace) -> tuple[Iterable, Iterable, list[str], int, str]:
-    """(train data, eval data, sparse field names, number of dense features, description)."""
+    """(train data, eval data, sparse field names, number of dense features, description).
+
+    Every process reads the same global batches of ``--batch-size`` rows and keeps its share
+    of the rows (:class:`~recis.distributed.data.RankSlice`), so N processes train on exactly
+    the batches one process would."""
+    from recis.distributed.data import RankSlice
+
+    one = {"rank": 0, "world_size": 1}  # every process reads the global batches
     if args.data:
         from recis.io import criteo_columns, criteo_dataset
 
         files = _files(args.data)
         _, dense, sparse = criteo_columns()
-        train = criteo_dataset(files, args.batch_size, shuffle=True, seed=args.seed)
+        train = criteo_dataset(files, args.batch_size, shuffle=True, seed=args.seed, **one)
         if args.eval_data:
-            evaluation = criteo_dataset(_files(args.eval_data), args.batch_size)
+            evaluation = criteo_dataset(_files(args.eval_data), args.batch_size, **one)
         else:  # hold out every 10th batch of the training files
-            evaluation = HoldOut(criteo_dataset(files, args.batch_size), 10, take=True)
+            evaluation = HoldOut(criteo_dataset(files, args.batch_size, **one), 10, take=True)
             train = HoldOut(train, 10, take=False)
-        return train, evaluation, sparse, len(dense), f"files {files}"
+        return RankSlice(train), RankSlice(evaluation), sparse, len(dense), f"files {files}"
     from recis.datasets import SyntheticClickStream
 
     steps = args.steps or 400
     train = SyntheticClickStream(num_batches=steps, batch_size=args.batch_size, seed=args.seed,
-                                 drift=args.drift, vocab_per_field=args.vocab)
+                                 drift=args.drift, vocab_per_field=args.vocab, **one)
     evaluation = train.held_out(args.eval_batches)
-    return train, evaluation, list(train.fields), train.num_dense, "synthetic click stream"
+    return (RankSlice(train), RankSlice(evaluation), list(train.fields), train.num_dense,
+            "synthetic click stream")
+
+
+def init_distributed() -> tuple[int, int]:
+    """``(rank, world size)``; under ``torchrun`` (``WORLD_SIZE`` > 1) this joins the process
+    group first: nccl when CUDA is available, gloo otherwise."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def table_labels(model: DeepFM) -> dict[str, str]:
@@ -185,6 +211,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    rank, world = init_distributed()
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of "
+                         f"processes ({world})")
     torch.manual_seed(args.seed)
     train, evaluation, fields, num_dense, source = build_data(args)
     model = DeepFM(fields, num_dense, dim=args.dim, hidden=args.hidden,
@@ -214,31 +244,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tables = {}
     for module in model.modules():
         if isinstance(module, HashTable):
-            tables[labels[module.name]] = {
-                **module.stats(),
-                "logical_tables": {c: int(module.ids(c).numel())
-                                   for c in module.children_hashtable},
-            }
-    os.makedirs(args.output, exist_ok=True)
+            counts = [float(v) for v in module.stats().values()]
+            counts += [float(module.ids(c).numel()) for c in module.children_hashtable]
+            totals = [int(v) for v in trainer._sum(*counts)]  # over the shards
+            stats = dict(zip(module.stats(), totals, strict=False))
+            stats["logical_tables"] = dict(zip(module.children_hashtable,
+                                               totals[len(module.stats()):], strict=True))
+            tables[labels[module.name]] = stats
+    examples = int(trainer._sum(trainer.examples_seen)[0])
     result = {
         "eval_auc": final.get("eval_auc"),
         "eval_logloss": final.get("eval_logloss"),
         "train_steps": trainer.global_step,
-        "train_examples": trainer.examples_seen,
+        "train_examples": examples,
         "train_seconds": round(train_seconds, 2),
-        "examples_per_second": round(trainer.examples_seen / max(train_seconds, 1e-9), 1),
+        "examples_per_second": round(examples / max(train_seconds, 1e-9), 1),
+        "processes": world,
         "optimizer": args.optimizer,
         "data": source,
         "tables": tables,
     }
-    with open(os.path.join(args.output, "metrics.json"), "w") as f:
-        json.dump({**result, "history": trainer.history}, f, indent=2)
-    plot(trainer.history, labels, os.path.join(args.output, "training.png"))
-    summary = {k: v for k, v in result.items() if k != "tables"}
-    summary["live_ids"] = {k: v["live"] for k, v in tables.items()}
-    print(json.dumps(summary), flush=True)
+    if rank == 0:
+        os.makedirs(args.output, exist_ok=True)
+        with open(os.path.join(args.output, "metrics.json"), "w") as f:
+            json.dump({**result, "history": trainer.history}, f, indent=2)
+        plot(trainer.history, labels, os.path.join(args.output, "training.png"))
+        summary = {k: v for k, v in result.items() if k != "tables"}
+        summary["live_ids"] = {k: v["live"] for k, v in tables.items()}
+        print(json.dumps(summary), flush=True)
     return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from recis.nn import EmbeddingEngine, EmbeddingOption
 from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.nn.initializers import NormalInitializer, TruncNormalInitializer
+from recis.nn.modules.norm import DistributedBatchNorm1d
 
 __all__ = ["DeepFM"]
 
@@ -60,7 +61,8 @@ class DeepFM(nn.Module):
                                                     initializer=w_init, filter_hook=hook,
                                                     admit_hook=admit)
         self.embedding = EmbeddingEngine(options)
-        self.dense_norm = nn.BatchNorm1d(num_dense) if num_dense else None
+        # batch statistics over every process's rows: N processes train as one
+        self.dense_norm = DistributedBatchNorm1d(num_dense) if num_dense else None
         layers: list[nn.Module] = []
         width = dim * len(self.sparse_fields) + num_dense
         for h in hidden:

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from recis.nn.modules.hashtable import split_sparse_dense_state_dict
@@ -145,6 +146,9 @@ class CheckpointManager:
         self.max_keep = max_keep
         self.incremental_every = incremental_every
         self._saves = 0
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world = dist.get_world_size() if distributed else 1
 
     # -- paths -------------------------------------------------------------------------------
     def checkpoints(self) -> list[str]:
@@ -184,12 +188,26 @@ class CheckpointManager:
         return path
 
     # -- saving ------------------------------------------------------------------------------
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def _rng_states(self) -> dict[str, Tensor]:
+        """torch's RNG state of every rank (collective), as ``rng/torch`` (one process) or
+        ``rng/torch/<rank>``."""
+        state = torch.get_rng_state()
+        if self.world == 1:
+            return {"rng/torch": state}
+        everyone = [torch.empty_like(state) for _ in range(self.world)]
+        dist.all_gather(everyone, state)
+        return {f"rng/torch/{k}": s for k, s in enumerate(everyone)}
+
     def _state(self, step: int, extra: Mapping | None) -> tuple[dict, dict, dict]:
         state = self.model.state_dict()
         tables, dense = split_sparse_dense_state_dict(dict(state))
         tensors = {f"model/{k}": v for k, v in dense.items()}
-        meta: dict[str, Any] = {"global_step": int(step), "extra": dict(extra or {})}
-        tensors["rng/torch"] = torch.get_rng_state()
+        meta: dict[str, Any] = {"global_step": int(step), "extra": dict(extra or {}),
+                                "world_size": self.world}
         if self.dense_optimizer is not None:
             meta["dense_optimizer"] = _flatten(self.dense_optimizer.state_dict(), "dense_opt",
                                                tensors)
@@ -201,7 +219,13 @@ class CheckpointManager:
 
     def save(self, step: int, extra: Mapping | None = None,
              incremental: bool | None = None) -> str:
-        """Save now as ``ckpt_<step>``; returns its path. ``extra``: JSON-able state."""
+        """Save now as ``ckpt_<step>``; returns its path. ``extra``: JSON-able state.
+
+        Under ``torch.distributed`` every rank calls it (collective): each writes its shard
+        of the tables into the one checkpoint directory, rank 0 the dense state (and every
+        rank's RNG state) and, once all shards are in, publishes the checkpoint and moves
+        ``latest``; a rank that dies before that leaves the previous checkpoint as
+        ``latest``."""
         name = f"{_PREFIX}{int(step):09d}"
         path = os.path.join(self.output_dir, name)
         os.makedirs(self.output_dir, exist_ok=True)
@@ -212,20 +236,26 @@ class CheckpointManager:
         if incremental and previous is None:
             raise CheckpointError("an incremental save needs an earlier checkpoint in output_dir")
         tables, tensors, meta = self._state(step, extra)
+        tensors.update(self._rng_states())
         json.dumps(meta)  # fail before writing anything if extra is not JSON-able
-        if os.path.exists(path):
+        self._barrier()  # every rank has read 'previous' before anything moves
+        if self.rank == 0 and os.path.exists(path):
             if previous is not None and os.path.samefile(path, previous):
                 raise CheckpointError(f"{path} already exists and is the latest checkpoint")
             # published by a save that was interrupted before it moved 'latest': never
             # committed, so it is replaced
             logger.warning("replacing %s, left by an interrupted save", path)
             self._remove(name)
-        Saver(path=path, hashtables=tables, tensors=tensors).save(
+        self._barrier()
+        Saver(self.rank, self.world, path=path, hashtables=tables,
+              tensors=tensors if self.rank == 0 else None).save(
             incremental=incremental, base=os.path.basename(previous) if incremental else None,
             extra=meta)
-        atomic_write_bytes(os.path.join(self.output_dir, LATEST), name.encode())
+        if self.rank == 0:
+            atomic_write_bytes(os.path.join(self.output_dir, LATEST), name.encode())
+            self._prune()
         self._saves += 1
-        self._prune()
+        self._barrier()  # 'latest' names the new checkpoint for every rank
         logger.info("saved %s%s", path, " (incremental)" if incremental else "")
         return path
 
@@ -276,7 +306,9 @@ class CheckpointManager:
     # -- restoring ---------------------------------------------------------------------------
     def restore(self, path: str | None = None, strict: bool = True) -> int | None:
         """Load ``path`` (default: the latest checkpoint) into the model and optimizers;
-        returns the restored step, or None when there is nothing to restore.
+        returns the restored step, or None when there is nothing to restore. Under
+        ``torch.distributed`` every rank loads the IDs of its own slice (a checkpoint of N
+        ranks loads into M), the dense state, and its own RNG state when N == M.
 
         The index, the dense tensors and the saved state of the dense optimizer and LR
         scheduler are read and checked before anything is loaded: a checkpoint that was not
@@ -296,10 +328,13 @@ class CheckpointManager:
                                   "(an integer global_step and an extra object)")
         states = {name: _unflatten(meta[name], dense, f"{where}: extra[{name!r}]")
                   for name in ("dense_optimizer", "lr_scheduler") if name in meta}
-        rng = dense.get("rng/torch")
+        rng_key = "rng/torch" if self.world == 1 else f"rng/torch/{self.rank}"
+        if meta.get("world_size", 1) != self.world:
+            rng_key = None  # another number of processes: each keeps its own RNG
+        rng = dense.get(rng_key) if rng_key else None
         if rng is not None and (rng.dtype != torch.uint8
                                 or rng.shape != torch.get_rng_state().shape):
-            raise CheckpointError(f"{where}: the dense tensor 'rng/torch' is not a torch RNG "
+            raise CheckpointError(f"{where}: the dense tensor {rng_key!r} is not a torch RNG "
                                   f"state ({rng.dtype}, shape {list(rng.shape)})")
         tables, tensors_now, _ = self._state(0, None)
         model_tensors = {k: v for k, v in tensors_now.items() if k.startswith("model/")}

@@ -14,6 +14,7 @@ The model returns its loss, or a dict with ``"loss"`` and, for evaluation metric
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from recis.hooks.hook import Hook
@@ -166,7 +168,11 @@ class Trainer:
             sparse_optimizer.set_grad_accum_steps(self.args.gradient_accumulation_steps)
         self.device = torch.device("cuda") if data_to_cuda else None
         self.global_step = 0
-        self.examples_seen = 0  # training rows processed
+        self.examples_seen = 0  # training rows processed by this process
+        distributed = dist.is_available() and dist.is_initialized()
+        self.world = dist.get_world_size() if distributed else 1
+        self.rank = dist.get_rank() if distributed else 0
+        self.ddp_model = self._wrap(model)
         if checkpoint_manager is None and self.args.save_steps:
             from recis.framework.checkpoint_manager import CheckpointManager
 
@@ -177,12 +183,41 @@ class Trainer:
         self.checkpoint_manager = checkpoint_manager
         self.history: list[dict[str, Any]] = []
 
+    # -- distributed -------------------------------------------------------------------------
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """The model in ``DistributedDataParallel`` when several processes train (its dense
+        parameters' gradients are averaged over the ranks; the tables shard themselves)."""
+        if self.world == 1 or not any(p.requires_grad for p in model.parameters()):
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        param = next(p for p in model.parameters() if p.requires_grad)
+        device_ids = [param.device.index] if param.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    def _all_have(self, has: bool) -> bool:
+        """Whether every rank has a batch (a rank that runs out ends the loop on all of them:
+        the sharded tables' lookups are collective)."""
+        if self.world == 1:
+            return has
+        flag = torch.tensor([1 if has else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _sum(self, *values: float) -> list[float]:
+        """Sums over the ranks (collective)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
     # -- helpers -----------------------------------------------------------------------------
     def table_sizes(self) -> dict[str, int]:
         """Live IDs per table of the model."""
         return {m.name: len(m) for m in self.model.modules() if isinstance(m, HashTable)}
 
-    def _batches(self) -> Iterable:
+    def _local_batches(self) -> Iterable:
         if self.train_dataset is None:
             raise ValueError("train() needs a train_dataset")
         if self.args.train_steps is not None:
@@ -200,6 +235,15 @@ class Trainer:
         else:
             for _ in range(self.args.train_epoch):
                 yield from self.train_dataset
+
+    def _batches(self) -> Iterable:
+        """This rank's batches, as long as every rank has one."""
+        it = iter(self._local_batches())
+        while True:
+            batch = next(it, None)
+            if not self._all_have(batch is not None):
+                return
+            yield batch
 
     def _dense_step(self) -> None:
         n = self.args.gradient_accumulation_steps
@@ -246,7 +290,7 @@ class Trainer:
         for hook in self.hooks:
             hook.before_train()
         bar = None
-        if args.progress_bar:
+        if args.progress_bar and self.rank == 0:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=args.train_steps, desc="train", unit="step", dynamic_ncols=True)
@@ -266,8 +310,10 @@ class Trainer:
                     self.dense_optimizer.zero_grad()
             if self.sparse_optimizer is not None:
                 self.sparse_optimizer.zero_grad()
-            loss, _, _ = _split_output(self.model(batch))
-            loss.backward()
+            sync = (self.global_step + 1) % n_acc == 0 or not hasattr(self.ddp_model, "no_sync")
+            with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
+                loss, _, _ = _split_output(self.ddp_model(batch))
+                loss.backward()
             if (self.global_step + 1) % n_acc == 0:
                 self._dense_step()
             if self.sparse_optimizer is not None:
@@ -290,10 +336,11 @@ class Trainer:
                                 ex_per_s=f"{window_examples / elapsed:,.0f}")
             self.global_step += 1
             if self.global_step % args.log_steps == 0:
+                loss_sum, examples_sum = self._sum(window_loss, window_examples)
                 self.history.append({
                     "step": self.global_step,
-                    "loss": window_loss / window_steps,
-                    "examples_per_second": window_examples / elapsed,
+                    "loss": loss_sum / (window_steps * self.world),
+                    "examples_per_second": examples_sum / elapsed,
                     "tables": self.table_sizes(),
                 })
                 window_loss, window_examples, window_steps = 0.0, 0, 0
@@ -314,9 +361,10 @@ class Trainer:
             self.save_checkpoint()  # the final state, unless the last step just saved it
         if window_steps:
             elapsed = max(time.perf_counter() - window_start, 1e-9)
+            loss_sum, examples_sum = self._sum(window_loss, window_examples)
             self.history.append({
-                "step": self.global_step, "loss": window_loss / window_steps,
-                "examples_per_second": window_examples / elapsed, "tables": self.table_sizes(),
+                "step": self.global_step, "loss": loss_sum / (window_steps * self.world),
+                "examples_per_second": examples_sum / elapsed, "tables": self.table_sizes(),
             })
         for hook in self.hooks:
             hook.after_train()
@@ -337,8 +385,11 @@ class Trainer:
         self.model.eval()
         auc = AUROC()
         total_loss, batches, logloss_sum, count = 0.0, 0, 0.0, 0
-        for batch in data:
-            if self.args.max_eval_batches is not None and batches >= self.args.max_eval_batches:
+        it = iter(data)
+        while True:
+            more = self.args.max_eval_batches is None or batches < self.args.max_eval_batches
+            batch = next(it, None) if more else None
+            if not self._all_have(batch is not None):
                 break
             if self.device is not None:
                 batch = move_batch(batch, self.device)
@@ -352,9 +403,11 @@ class Trainer:
                 logloss_sum += float(-(labels * p.log() + (1 - labels) * (1 - p).log()).sum())
                 count += labels.numel()
         self.model.train(was_training)
+        total_loss, batches, logloss_sum, count = self._sum(total_loss, batches, logloss_sum,
+                                                            count)
         metrics: dict[str, float] = {"eval_loss": total_loss / max(batches, 1)}
         if count:
-            metrics["eval_auc"] = float(auc.compute())
+            metrics["eval_auc"] = float(auc.compute())  # gathers every rank's predictions
             metrics["eval_logloss"] = logloss_sum / count
         self.history.append({"step": self.global_step, **metrics, "tables": self.table_sizes()})
         for hook in self.hooks:

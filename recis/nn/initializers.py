@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from recis._core.counter_rng import counter_uniform
+
 __all__ = [
     "Initializer",
     "ConstantInitializer",
@@ -146,44 +148,6 @@ def _compute_fans(fan_shape: tuple[int, ...], where: str) -> tuple[int, int]:
     fan_in = fan_shape[1] * receptive
     fan_out = fan_shape[0] * receptive
     return fan_in, fan_out
-
-
-# ----------------------------------------------------------------------------- counter RNG
-
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_MIX2 = 0x94D049BB133111EB - (1 << 64)
-
-
-def _lsr(x: torch.Tensor, n: int) -> torch.Tensor:
-    return (x >> n) & ((1 << (64 - n)) - 1)
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors (wrapping arithmetic, as uint64)."""
-    x = (x ^ _lsr(x, 30)) * _MIX1
-    x = (x ^ _lsr(x, 27)) * _MIX2
-    return x ^ _lsr(x, 31)
-
-
-def mix_seed(*parts: int | str) -> int:
-    """A 64-bit key from integers and strings (stable across processes and machines)."""
-    import hashlib
-
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little", signed=True)
-
-
-def counter_uniform(ids: torch.Tensor, keys: torch.Tensor | int, width: int) -> torch.Tensor:
-    """``(len(ids), width)`` float64 uniform numbers in (0, 1), a pure function of each
-    ``(key, id, column)``: the same ID and key give the same numbers on any device, in any
-    batch. ``keys`` is one int64 per ID, or one int for all."""
-    ids = ids.to(torch.int64)
-    keys = torch.as_tensor(keys, dtype=torch.int64, device=ids.device)
-    base = _mix64(ids ^ _mix64(keys + _GOLDEN))  # (n,)
-    cols = torch.arange(1, width + 1, dtype=torch.int64, device=ids.device) * _GOLDEN
-    bits = _lsr(_mix64(base[:, None] + cols), 11)  # 53 random bits
-    return (bits.to(torch.float64) + 0.5) * 2.0**-53
 
 
 # ----------------------------------------------------------------------------- base class

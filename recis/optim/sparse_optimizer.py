@@ -143,14 +143,15 @@ class SparseOptimizer(torch.optim.Optimizer):
         pending = []
         for name, table in self._tables.items():
             rows, grad = table.grad_rows(self._grad_accum_steps)
-            if rows.numel():
+            if rows.numel() or table.grad_pending:
                 pending.append((name, table, rows, grad))
         for name, table, rows, grad in pending:
             state = self.state[name]
-            state["step"] += 1
-            with table.store.lock.write():  # no other thread sees half-updated rows
-                self._update(table, rows, grad, state, group)
-                table.store.mark_written(rows)
+            state["step"] += 1  # per training step of the table, on every shard
+            if rows.numel():
+                with table.store.lock.write():  # no other thread sees half-updated rows
+                    self._update(table, rows, grad, state, group)
+                    table.store.mark_written(rows)
         return loss
 
     def _update(self, table: HashTable, rows, grad, state: dict, group: dict) -> None:

@@ -58,9 +58,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from recis.nn.modules.hashtable import HashTable, Slice
+from recis.nn.modules.hashtable import HashTable, Slice, gen_slice, in_slice
 from recis.serialize._files import (
     DTYPE_CODES,
     CheckpointError,
@@ -228,21 +229,6 @@ def _export_live(store, child: int, rows: Tensor | None,
     return out
 
 
-def _export_unused(store, rows: Tensor | None,
-                   snapshot: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
-    """``{"row": rows, slot: values}`` of storage rows that hold no ID (free rows and the
-    tail of the last block), all or those among ``rows``."""
-    live = torch.zeros(store.capacity, dtype=torch.bool, device=store.device)
-    live[snapshot[2]] = True
-    unused = (~live).nonzero().squeeze(1)
-    if rows is not None:
-        unused = unused[torch.isin(unused, rows)]
-    out = {"row": unused}
-    for name in _saved_slots(store):
-        out[name] = store.read(name, unused)
-    return out
-
-
 class Saver:
     """Write a checkpoint of tables (their rows and every slot) and dense tensors.
 
@@ -302,13 +288,15 @@ class Saver:
         policies: dict[str, dict[str, str]] = {}
         replaced: list[str] = []
         taken = []  # (store, changes) to give back if the save fails
+        in_full = self._tables_in_full(incremental)
         for table in self.tables.values():
             store = table.store
             with store.lock.write():  # one consistent state of the table, changes taken with it
                 changes = store.take_changes()
                 taken.append((store, changes))
-                written = changes.rows if incremental and changes.complete else None
-                if incremental and not changes.complete:
+                full = table.name in in_full
+                written = changes.rows if incremental and not full else None
+                if incremental and full:
                     replaced += table.children_hashtable  # the removal log overflowed
                     logger.info("table %s: too many removals since the last save; its rows "
                                 "are saved in full", table.name)
@@ -321,15 +309,10 @@ class Saver:
                     rows_saved[child] = int(part["id"].numel())
                     for field, values in part.items():
                         data[_key(child, field, k, n)] = values.cpu()
-                # what an exact restore needs besides the live rows: rows without an ID (their
-                # values are what new IDs will get), the allocator state and the RNG state
-                for field, values in _export_unused(store, written, snapshot).items():
-                    data[_gkey(_rec(table.name, "unused"), field, k, n)] = values.cpu()
+                # what an exact restore needs besides the live rows: the allocator state and
+                # the seed of initial values (rows without an ID hold defaults)
                 for field, values in store.layout().items():
                     data[_gkey(_rec(table.name, "layout"), field, k, n)] = values
-                gen = getattr(table.initializer(), "generator", None)
-                if gen is not None:
-                    data[_gkey(_rec(table.name, "rng"), "state", k, n)] = gen.get_state()
                 for key, state in store.policy_states().items():  # admission/filter state
                     tag = _policy_tag(key)
                     for field, value in state.items():
@@ -343,6 +326,19 @@ class Saver:
                 store.give_back_changes(changes)
             raise
         return self.path
+
+    def _tables_in_full(self, incremental: bool) -> set[str]:
+        """Tables an incremental save must write in full: their log of removed IDs overflowed
+        (on any shard: the shards of a table agree, so that a load never mixes a full shard
+        and a delta shard of one table)."""
+        if not incremental:
+            return set()
+        flags = torch.tensor([int(t.store.changes_complete) for t in self.tables.values()],
+                             dtype=torch.int64)
+        if self.shard_num > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        return {t.name for t, ok in zip(self.tables.values(), flags.tolist(), strict=True)
+                if not ok}
 
     def _write(self, staging, data, children, rows_saved, policies, replaced, incremental, base,
                extra) -> None:
@@ -372,8 +368,8 @@ class Saver:
             "extra": dict(extra or {}) if k == 0 else {},
         }
         atomic_write_json(os.path.join(staging, _shard_index(k, n)), _sealed(shard_index))
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and n > 1:
-            torch.distributed.barrier()
+        if dist.is_available() and dist.is_initialized() and n > 1:
+            dist.barrier()
             if k == 0:
                 self._publish(staging, incremental, base)
         elif all(os.path.exists(os.path.join(staging, _shard_index(s, n))) for s in range(n)):
@@ -738,12 +734,20 @@ def chain(path: str) -> list[str]:
         out.insert(0, base)
 
 
-def _read_sparse(path: str, index: dict) -> dict[str, dict[str, list[Tensor]]]:
+class _Content(dict):
+    """group -> field -> [tensor per shard part]; ``shards[group]``: the shard of each part."""
+
+    def __init__(self):
+        super().__init__()
+        self.shards: dict[str, list[int]] = {}
+
+
+def _read_sparse(path: str, index: dict) -> _Content:
     """group -> field -> [tensor per shard part], after checking every file.
 
     Groups are escaped (:func:`_esc` of a child's name, :func:`_rec` of a physical table's
     record), so no name can collide with another; fields are the slot names, unescaped."""
-    out: dict[str, dict[str, list[Tensor]]] = {}
+    out = _Content()
     for fname, expected in sorted(index["files"].items()):
         if fname == DENSE_FILE:
             continue
@@ -752,18 +756,15 @@ def _read_sparse(path: str, index: dict) -> dict[str, dict[str, list[Tensor]]]:
             if parsed is None:
                 raise CheckpointError(f"checkpoint file {os.path.join(path, fname)}: "
                                       f"{key!r} is not a checkpoint key")
-            group, field, _, _ = parsed
-            out.setdefault(group, {}).setdefault(field, []).append(t)
+            group, field, shard, _ = parsed
+            fields = out.setdefault(group, {})
+            if not fields:
+                out.shards[group] = []
+            fields.setdefault(field, []).append(t)
+            shards = out.shards[group]
+            if not shards or shards[-1] != shard:
+                shards.append(shard)
     return out
-
-
-def _in_slice(ids: Tensor, s: Slice) -> Tensor:
-    """IDs whose (uint64) value mod slice_size falls in the slice (the resharding rule)."""
-    if s.slice_begin == 0 and s.slice_end == s.slice_size:
-        return torch.ones_like(ids, dtype=torch.bool)
-    low = ids & (s.slice_size - 1) if s.slice_size & (s.slice_size - 1) == 0 else (
-        torch.remainder(ids, s.slice_size))  # two's complement: same as uint64 for 2^k sizes
-    return (low >= s.slice_begin) & (low < s.slice_end)
 
 
 class Loader:
@@ -866,7 +867,8 @@ class Loader:
                 _restore_exact(table, contents)
             else:
                 _restore_by_id(table, contents, indexes, plan)
-            _restore_policies(table, contents[-1], last.get("policies", {}), exact)
+            _restore_policies(table, contents[-1], last.get("policies", {}), exact,
+                              last["shard_num"])
             table.store.mark_saved()
         with torch.no_grad():
             for name, target in self.tensors.items():
@@ -939,10 +941,10 @@ class _RowReplay:
 
 
 def _restore_exact(table: HashTable, contents: list[dict]) -> None:
-    """Replay a chain row by row: same IDs on the same rows, same values in every storage row
-    (also the rows without an ID, which new IDs will take), same allocator and RNG state; so
-    training continues exactly as if it had not stopped. Slots or rows the checkpoint does not
-    hold (a slot added since, another block size) get their defaults."""
+    """Replay a chain row by row: same IDs on the same rows, same values, same allocator state
+    and seed of initial values; so training continues exactly as if it had not stopped. Slots
+    or rows the checkpoint does not hold (a slot added since, another block size, rows without
+    an ID) get their defaults."""
     layout_fields = contents[-1][_rec(table.name, "layout")]
     layout = {f: _cat(layout_fields, f) for f in ("capacity", "next_row")}
     capacity = int(layout["capacity"][0])
@@ -962,15 +964,24 @@ def _restore_exact(table: HashTable, contents: list[dict]) -> None:
         rows = rows[rows < capacity]
         restore.set_keys(replay.owner_id[rows], replay.owner_tag[rows], rows,
                          int(replay.layout["next_row"][0]), replay.layout["free"])
-    gen = getattr(table.initializer(), "generator", None)
-    if gen is not None and replay.rng is not None:
-        gen.set_state(replay.rng)
+    _restore_seed(table, contents[-1])
 
 
-def _restore_policies(table: HashTable, content: dict, policies: Mapping, exact: bool) -> None:
+def _restore_seed(table: HashTable, content: dict) -> None:
+    """The seed of initial values the table was saved with (new IDs get the rows they would
+    have got had training not stopped)."""
+    seeds = content.get(_rec(table.name, "layout"), {}).get("init_seed")
+    if seeds:
+        table.store.reseed(int(seeds[0][0]))
+
+
+def _restore_policies(table: HashTable, content: _Content, policies: Mapping, exact: bool,
+                      shard_num: int) -> None:
     """Give the table's admission and filter policies the state they had (a filter's clock,
     MinCount's counts). Admission policies the checkpoint names are created; the states of
-    several saved shards are merged by each policy's ``merge_policy_states``."""
+    several saved shards are merged by each policy's ``merge_policy_states``, unless the
+    table is one of ``shard_num`` shards of the same slices as when saved: then it takes its
+    own shard's state (so N processes resume exactly)."""
     from recis.nn.hashtable_hook import AdmitHook
 
     attached = table.store.policies()
@@ -983,11 +994,18 @@ def _restore_policies(table: HashTable, content: dict, policies: Mapping, exact:
             policy = table.admit_policy(AdmitHook(spec["name"], spec["params"]))
         if policy is None:
             continue  # a filter this table does not have
-        fields = content.get(_rec(table.name, f"policy_{tag}"), {})
-        parts = max((len(v) for v in fields.values()), default=0)
-        shard_states = [{f: v[i] for f, v in fields.items()} for i in range(parts)]
-        states[key] = (shard_states[0] if exact and parts == 1
-                       else type(policy).merge_policy_states(shard_states))
+        group = _rec(table.name, f"policy_{tag}")
+        fields = content.get(group, {})
+        shards = content.shards.get(group, [])
+        shard_states = [{f: v[i] for f, v in fields.items()} for i in range(len(shards))]
+        own = [i for i, k in enumerate(shards)
+               if gen_slice(k, shard_num, table.slice.slice_size) == table.slice]
+        if exact and len(shard_states) == 1:
+            states[key] = shard_states[0]
+        elif own:  # the same sharding as when saved: this shard's own state
+            states[key] = shard_states[own[0]]
+        elif shard_states:
+            states[key] = type(policy).merge_policy_states(shard_states)
     table.store.load_policy_states(states)
 
 
@@ -1017,8 +1035,8 @@ def _merge_by_id(contents: list[dict], indexes: list[dict], child: str
 def _restore_by_id(table: HashTable, contents: list[dict], indexes: list[dict],
                    plan: Mapping) -> None:
     """Replace the table's rows with the checkpoint's IDs of this table's slice (resharding,
-    partial loads): values are exact; row positions and the RNG state are new; slots the
-    checkpoint does not hold get their defaults."""
+    partial loads): values are exact; row positions are new; slots the checkpoint does not
+    hold get their defaults."""
     store = table.store
     table.clear()
     for idx, child in enumerate(table.children_hashtable):
@@ -1028,7 +1046,7 @@ def _restore_by_id(table: HashTable, contents: list[dict], indexes: list[dict],
         if state is None:
             continue
         ids = state["id"].to(table.device)
-        keep = _in_slice(ids, table.slice)
+        keep = in_slice(ids, table.slice)
         ids = ids[keep]
         if ids.numel() == 0:
             continue
@@ -1036,6 +1054,7 @@ def _restore_by_id(table: HashTable, contents: list[dict], indexes: list[dict],
         for slot in plan[child]:
             if slot in state:
                 store.write(slot, rows, state[slot].to(table.device)[keep])
+    _restore_seed(table, contents[-1])
 
 
 def read_dense(path: str) -> dict[str, Tensor]:

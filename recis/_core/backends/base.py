@@ -141,7 +141,8 @@ class Backend:
 
         New keys take the smallest free rows first (``free[:n_free]`` is sorted descending),
         then fresh rows from ``next_row``. The caller guarantees room in the map. Returns
-        ``(rows, n_new, n_free, next_row, tombstones_reused)``."""
+        ``(rows, inserted, n_free, next_row, tombstones_reused)``; ``inserted`` is a bool mask
+        of the keys that were absent."""
         raise NotImplementedError
 
     def map_delete(self, table: Tensor, ids: Tensor, tags: Tensor | None) -> Tensor:

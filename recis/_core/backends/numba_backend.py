@@ -102,10 +102,11 @@ class NumbaBackend(TorchBackend):
         # Lookups run in parallel; the absent keys are then inserted in input order by one
         # thread, which keeps row assignment deterministic.
         rows = self.map_lookup(table, ids, tags)
-        n_new, n_free, next_row, reused = nk.map_insert_missing(
+        inserted = rows < 0
+        _, n_free, next_row, reused = nk.map_insert_missing(
             table.numpy(), ids.numpy(), _np_tags(tags), rows.numpy(), free.numpy(), n_free,
             next_row)
-        return rows, int(n_new), int(n_free), int(next_row), int(reused)
+        return rows, inserted, int(n_free), int(next_row), int(reused)
 
     def map_delete(self, table, ids, tags):
         return torch.from_numpy(nk.map_delete(table.numpy(), ids.numpy(), _np_tags(tags)))

@@ -132,10 +132,12 @@ def map_lookup_or_insert(
     """Rows of unique keys, inserting the absent ones in input order.
 
     New keys take the smallest free rows first, then grow from ``next_row``. The caller
-    guarantees room in the map. Returns ``(rows, n_new, n_free, next_row, tombstones_reused)``.
+    guarantees room in the map. Returns ``(rows, inserted, n_free, next_row,
+    tombstones_reused)`` with ``inserted`` the mask of the keys that were absent.
     """
     rows = map_lookup(keys, vals, ids, tags)
-    missing = (rows < 0).nonzero().squeeze(1)
+    inserted = rows < 0
+    missing = inserted.nonzero().squeeze(1)
     reused = 0
     if missing.numel():
         new_rows, n_free, next_row = take_rows(free, n_free, next_row, missing.numel())
@@ -143,7 +145,7 @@ def map_lookup_or_insert(
         reused = _insert_absent(
             keys, vals, ids[missing], None if tags is None else tags[missing], new_rows
         )
-    return rows, missing.numel(), n_free, next_row, reused
+    return rows, inserted, n_free, next_row, reused
 
 
 def map_delete(keys: Tensor, vals: Tensor, ids: Tensor, tags: Tensor | None) -> Tensor:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from recis.distributed.sharding import Request, ShardingContext, sharded_lookup, world_of
 from recis.nn.functional.embedding_ops import COMBINERS, bag_reduce, table_bag_reduce
 from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.nn.initializers import ConstantInitializer, Initializer
@@ -19,7 +20,8 @@ from recis.nn.modules.hashtable_hook_impl import HashtableHookFactory
 from recis.ragged.tensor import RaggedTensor
 from recis.utils.checks import check_device, check_positive_int
 
-__all__ = ["EmbeddingOption", "DynamicEmbedding", "Bags", "to_bags", "lookup_features"]
+__all__ = ["EmbeddingOption", "DynamicEmbedding", "Bags", "to_bags", "lookup_features",
+           "lookup_groups"]
 
 
 @dataclass
@@ -197,14 +199,72 @@ def reduce_bags(
     if table.dtype.is_floating_point:
         out = table_bag_reduce(table, lookup, bags.offsets, weights, opt.combiner, opt.tile_len,
                                inverse)
-    else:  # integer (e.g. int8) tables are reduced in fp32, or fp16 when asked
-        emb = table.gather(lookup).to(torch.float16 if opt.fp16_enabled else torch.float32)
-        inverse = lookup.inverse if inverse is None else inverse
-        out = bag_reduce(emb, inverse, bags.offsets, weights, opt.combiner, opt.tile_len)
+        return _shape_output(opt, out, bags, ragged)
+    inverse = lookup.inverse if inverse is None else inverse
+    return reduce_rows(opt, table.gather(lookup), inverse, bags, ragged)
+
+
+def reduce_rows(opt: EmbeddingOption, unique_rows: Tensor, inverse: Tensor, bags: Bags,
+                ragged: bool) -> Tensor:
+    """Apply ``opt``'s combiner to rows already gathered (a sharded lookup's) and shape the
+    output; integer (e.g. int8) rows are reduced in fp32, or fp16 when asked."""
+    if not unique_rows.dtype.is_floating_point:
+        unique_rows = unique_rows.to(torch.float16 if opt.fp16_enabled else torch.float32)
+    weights = bags.weights if opt.use_weight else None
+    out = bag_reduce(unique_rows, inverse, bags.offsets, weights, opt.combiner, opt.tile_len)
+    return _shape_output(opt, out, bags, ragged)
+
+
+def _shape_output(opt: EmbeddingOption, out: Tensor, bags: Bags, ragged: bool) -> Tensor:
     if opt.combiner == "tile" and not ragged:
         out = out.flatten(1)  # (B, tile_len * D)
     out = out.reshape(*bags.out_shape, *out.shape[1:])
     return out if opt.trainable else out.detach()
+
+
+Group = tuple[HashTable, Sequence[tuple[EmbeddingOption, Bags, bool]], Sequence[int] | None,
+              AdmitHook | None]
+
+
+def _flat_ids(features, children) -> tuple[Tensor, Tensor | None]:
+    if len(features) == 1:
+        values = features[0][1].values
+    else:
+        values = torch.cat([bags.values for _, bags, _ in features])
+    tags = None
+    if children is not None and any(children):
+        tags = torch.cat([torch.full_like(bags.values, child)
+                          for (_, bags, _), child in zip(features, children, strict=True)])
+    return values, tags
+
+
+def lookup_groups(groups: Sequence[Group], sharding: ShardingContext | None
+                  ) -> list[list[Tensor]]:
+    """The forward of :class:`DynamicEmbedding` and :class:`EmbeddingEngine`.
+
+    ``groups``: per table, ``(table, features, children, admit_hook)`` with ``features`` a list
+    of ``(option, bags, ragged input)`` and feature ``f``'s IDs in child ``children[f]``.
+    Returns each group's outputs, per feature. In one process each table is looked up once
+    (:func:`lookup_features`); sharded over ranks, all groups travel in one exchange
+    (:func:`recis.distributed.sharding.sharded_lookup`) and each feature's bags are pooled
+    from the rows that came back.
+    """
+    if sharding is None:
+        return [lookup_features(*group) for group in groups]
+    requests = []
+    for table, features, children, admit_hook in groups:
+        values, tags = _flat_ids(features, children)
+        requests.append(Request(table, values, tags, admit_hook))
+    outputs = []
+    for (_, features, _, _), (rows, inverse) in zip(
+            groups, sharded_lookup(sharding, requests), strict=True):
+        start, group_out = 0, []
+        for opt, bags, ragged in features:
+            n = bags.values.numel()
+            group_out.append(reduce_rows(opt, rows, inverse[start:start + n], bags, ragged))
+            start += n
+        outputs.append(group_out)
+    return outputs
 
 
 def lookup_features(
@@ -214,14 +274,7 @@ def lookup_features(
     """The forward of :class:`DynamicEmbedding` and :class:`EmbeddingEngine`: one lookup of
     every feature's IDs in ``table`` (feature ``f``'s IDs in child ``children[f]``), then each
     feature's combiner. ``features``: ``(option, bags, ragged input)`` per feature."""
-    if len(features) == 1:
-        values = features[0][1].values
-    else:
-        values = torch.cat([bags.values for _, bags, _ in features])
-    tags = None
-    if children is not None and any(children):
-        tags = torch.cat([torch.full_like(bags.values, child)
-                          for (_, bags, _), child in zip(features, children, strict=True)])
+    values, tags = _flat_ids(features, children)
     outputs = []
     with table.lookup_lock():
         lookup = table.resolve(values, tags, admit_hook)
@@ -239,8 +292,15 @@ class DynamicEmbedding(nn.Module):
 
     Args:
         emb_opt (EmbeddingOption): the table and combiner configuration.
-        pg (ProcessGroup, optional): reserved for sharding; only single-process tables are
-            supported in this version.
+        pg (ProcessGroup, optional): the ranks to shard the table over. Default:
+            ``emb_opt.pg``, else the default group when ``torch.distributed`` is initialised
+            (with more than one rank), else none: one process needs no initialisation.
+
+    Sharded (world size ``W > 1``), rank ``k`` holds the IDs of slice ``gen_slice(k, W)``
+    (:mod:`recis.distributed.sharding`): a forward sends each rank's unique IDs to their
+    owners in one ``all_to_all`` and gets their rows back; a backward sends the gradients. Every
+    rank must run the same forwards and backwards. With a mean loss over each rank's batch,
+    ``W`` ranks train the table as one process would on the concatenated batches.
 
     Shape:
         - ``(N,)`` IDs -> ``(N, D)`` (each ID its own bag);
@@ -258,22 +318,16 @@ class DynamicEmbedding(nn.Module):
         torch.Size([2, 8])
     """
 
-    def __init__(self, emb_opt: EmbeddingOption, pg: Any = None):
+    def __init__(self, emb_opt: EmbeddingOption, pg: Any = None,
+                 _sharding: ShardingContext | None = None):
         super().__init__()
         if not isinstance(emb_opt, EmbeddingOption):
             raise TypeError(f"emb_opt must be an EmbeddingOption, got {type(emb_opt).__name__}")
         pg = pg if pg is not None else emb_opt.pg
-        world = 1
-        if pg is not None:
-            world = torch.distributed.get_world_size(pg)
-        elif torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-        if world > 1:
-            raise NotImplementedError(
-                "sharded DynamicEmbedding (world size > 1) is not implemented yet; run one "
-                "process per model replica or wait for the sharding release"
-            )
+        if _sharding is None and world_of(pg) > 1:
+            _sharding = ShardingContext(pg, emb_opt.max_partition_num)
         self._pg = pg
+        self._sharding = _sharding
         self._emb_opt = copy.copy(emb_opt)
         self.hashtable = HashTable(
             embedding_shape=[emb_opt.embedding_dim],
@@ -282,7 +336,8 @@ class DynamicEmbedding(nn.Module):
             device=emb_opt.device,
             coalesced=emb_opt.coalesced,
             children=emb_opt.children,
-            slice=gen_slice(0, 1, emb_opt.max_partition_num),
+            slice=(_sharding.slice() if _sharding is not None
+                   else gen_slice(0, 1, emb_opt.max_partition_num)),
             initializer=emb_opt.initializer,
             name=emb_opt.shared_name,
             grad_reduce_by=emb_opt.grad_reduce_by,
@@ -298,7 +353,13 @@ class DynamicEmbedding(nn.Module):
     ) -> Tensor:
         bags = to_bags(ids, input_weights, self.hashtable.device)
         feature = (self._emb_opt, bags, isinstance(ids, RaggedTensor))
-        return lookup_features(self.hashtable, [feature], None, self._emb_opt.admit_hook)[0]
+        group = (self.hashtable, [feature], None, self._emb_opt.admit_hook)
+        return lookup_groups([group], self._sharding)[0][0]
+
+    @property
+    def sharding(self) -> ShardingContext | None:
+        """The ranks the table is sharded over (None in one process)."""
+        return self._sharding
 
     def extra_repr(self) -> str:
         o = self._emb_opt

@@ -9,10 +9,11 @@ from typing import Any
 
 from torch import nn
 
+from recis.distributed.sharding import ShardingContext, world_of
 from recis.nn.modules.embedding import (
     DynamicEmbedding,
     EmbeddingOption,
-    lookup_features,
+    lookup_groups,
     to_bags,
 )
 from recis.ragged.tensor import RaggedTensor
@@ -78,11 +79,20 @@ class EmbeddingEngine(nn.Module):
             self._fea_to_ht[fea] = ht_name
             self._fea_child[fea] = kids.index(shared)
             self._options[fea] = opt
+        pgs = {id(opt.pg): opt.pg for opt in self._options.values()}
+        slice_sizes = {opt.max_partition_num for opt in self._options.values()}
+        if len(pgs) > 1 or len(slice_sizes) > 1:
+            raise ValueError("all features of an EmbeddingEngine must have the same pg and "
+                             f"max_partition_num, got {len(pgs)} pgs and {sorted(slice_sizes)}")
+        pg = next(iter(pgs.values()), None)
+        self._sharding = None
+        if world_of(pg) > 1:  # one exchange per step for all the engine's tables
+            self._sharding = ShardingContext(pg, next(iter(slice_sizes)))
         self._ht = nn.ModuleDict()
         for ht_name, kids in children.items():
             opt = copy.copy(first_opt[ht_name])
             opt.coalesced, opt.children, opt.shared_name = True, list(kids), ht_name
-            self._ht[ht_name] = DynamicEmbedding(opt)
+            self._ht[ht_name] = DynamicEmbedding(opt, _sharding=self._sharding)
         self._fea_to_group = {
             fea: (self._fea_to_ht[fea], str(opt.admit_hook)) for fea, opt in self._options.items()
         }
@@ -105,6 +115,7 @@ class EmbeddingEngine(nn.Module):
                 groups.setdefault(self._fea_to_group[fea], []).append(fea)
             else:
                 outputs[fea] = value
+        lookups, names = [], []
         for (ht_name, _), feas in groups.items():
             table = self._ht[ht_name].hashtable
             features = []
@@ -116,10 +127,10 @@ class EmbeddingEngine(nn.Module):
                 ragged = isinstance(input_features[fea], RaggedTensor)
                 features.append((self._options[fea], bags, ragged))
             children = [self._fea_child[f] for f in feas]
-            for fea, out in zip(feas, lookup_features(table, features, children,
-                                                      self._options[feas[0]].admit_hook),
-                                strict=True):
-                outputs[fea] = out
+            lookups.append((table, features, children, self._options[feas[0]].admit_hook))
+            names.append(feas)
+        for feas, outs in zip(names, lookup_groups(lookups, self._sharding), strict=True):
+            outputs.update(zip(feas, outs, strict=True))
         return {fea: outputs[fea] for fea in input_features}
 
     def extra_repr(self) -> str:

@@ -31,6 +31,8 @@ __all__ = [
     "HashTable",
     "Slice",
     "gen_slice",
+    "slice_index",
+    "in_slice",
     "is_hashtable",
     "filter_out_sparse_param",
     "split_sparse_dense_state_dict",
@@ -70,6 +72,27 @@ def gen_slice(shard_index: int = 0, shard_num: int = 1, slice_size: int = 65536)
     return Slice(begin, begin + base + (1 if shard_index < extra else 0), slice_size)
 
 
+def slice_index(ids: Tensor, slice_size: int = 65536) -> Tensor:
+    """The slice of each ID: its value as an unsigned 64-bit number, mod ``slice_size``.
+
+    One rule for every device, for negative IDs, for sharded lookups and for checkpoint loads
+    (RecIS's CPU path used ``abs(fmod)`` for negative IDs and its GPU path ``uint64``: two
+    owners for one ID).
+    """
+    if slice_size & (slice_size - 1) == 0:
+        return ids & (slice_size - 1)  # two's complement: the uint64 residue
+    low = torch.remainder(ids, slice_size)
+    return torch.where(ids < 0, (low + (1 << 64) % slice_size) % slice_size, low)
+
+
+def in_slice(ids: Tensor, s: Slice) -> Tensor:
+    """Which IDs belong to slice ``s`` (see :func:`slice_index`)."""
+    if s.slice_begin == 0 and s.slice_end == s.slice_size:
+        return torch.ones_like(ids, dtype=torch.bool)
+    low = slice_index(ids, s.slice_size)
+    return (low >= s.slice_begin) & (low < s.slice_end)
+
+
 def is_hashtable(obj: Any) -> bool:
     """True for :class:`HashTable` objects (RecIS's ``hashtable_tag`` test)."""
     return hasattr(obj, "hashtable_tag")
@@ -93,12 +116,6 @@ def split_sparse_dense_state_dict(state_dict: dict) -> tuple[dict, dict]:
 def filter_out_sparse_param(model: nn.Module) -> dict[str, HashTable]:
     """The tables of a model, by table name (what sparse optimizers and savers consume)."""
     return split_sparse_dense_state_dict(model.state_dict())[0]
-
-
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
 
 
 def check_ids(ids: Any, device: torch.device, arg: str = "ids") -> Tensor:
@@ -142,9 +159,12 @@ class _TableLookup(torch.autograd.Function):
 class HashTable(nn.Module):
     """An embedding table keyed by raw int64 IDs that grows as new IDs arrive.
 
-    In training mode a lookup inserts unknown IDs (their rows start from the ``initializer``);
-    in eval mode, for integer dtypes, or with ``AdmitHook("ReadOnly")`` it never inserts and
-    unknown IDs read as zero rows that receive no gradient and no policy update.
+    In training mode a lookup inserts unknown IDs; in eval mode, for integer dtypes, or with
+    ``AdmitHook("ReadOnly")`` it never inserts and unknown IDs read as zero rows that receive no
+    gradient and no policy update. A new ID's row is ``initializer.rows_for_ids``: a pure
+    function of the ID, the logical table's name and a seed (the initializer's generator's
+    seed, or ``torch.initial_seed()`` when the table is built), so it is the same whatever the
+    insertion order, the batch or the number of processes the table is sharded over.
 
     The module is a thin layer (autograd, RecIS's signature) over a
     :class:`~recis._core.store.TableStore`, :attr:`store`, which holds the rows and is what
@@ -165,7 +185,7 @@ class HashTable(nn.Module):
         initializer (Initializer, optional): draws new rows. Default: constant 0.
         name (str, optional): table name, also its key in ``state_dict``. Default: "hashtable".
         grad_reduce_by (str, optional): ``"worker"`` sums the gradient over occurrences of an ID
-            (divided by the world size when distributed); ``"id"`` averages it.
+            (a sharded lookup divides it by the world size); ``"id"`` averages it.
         filter_hook (FilterHook, optional): eviction policy, e.g. ``GlobalStepFilter``.
 
     Shape:
@@ -249,11 +269,16 @@ class HashTable(nn.Module):
         self._initializer = initializer
         self._grad_reduce_by = grad_reduce_by
         self._worker_num = int(os.environ.get("WORLD_SIZE", 1))
+        seed = getattr(initializer, "seed", None)
         self.store = TableStore(SlotSpec(EMBEDDING_SLOT, self._embedding_shape, dtype,
-                                         initializer), block_size, device)
+                                         initializer), block_size, device, children=children,
+                                seed=torch.initial_seed() if seed is None else seed)
         self._grad_rows: list[Tensor] = []
         self._grad_values: list[Tensor] = []
         self._grad_unique = False
+        # a lookup that records gradients happened since clear_grad: the sparse optimizers
+        # count a step for the table even if no row of this shard got a gradient
+        self.grad_pending = False
         self._backward_holder = torch.zeros(1, requires_grad=True)
         self._filter_hook = filter_hook
         if filter_hook is not None:
@@ -381,13 +406,16 @@ class HashTable(nn.Module):
         return self.store.lock.write() if self._writable else self.store.lock.read()
 
     def resolve(
-        self, ids: Tensor, tags: Tensor | None = None, admit_hook: AdmitHook | None = None
+        self, ids: Tensor, tags: Tensor | None = None, admit_hook: AdmitHook | None = None,
+        occurrences: Tensor | None = None,
     ) -> Lookup:
         """Map IDs to rows: admit (training) or not (eval, read-only), stamp the filter.
 
         ``ids`` must be flat int64 (see :func:`check_ids`); ``tags`` optional child indices of
-        the same length. The embeddings are read by :meth:`gather` or a fused combiner; hold
-        :meth:`lookup_lock` around both so that no other thread moves rows in between.
+        the same length; ``occurrences`` optional int counts per ID (a sharded lookup sends
+        each ID once with its count; admission and ``grad_reduce_by="id"`` see the sums). The
+        embeddings are read by :meth:`gather` or a fused combiner; hold :meth:`lookup_lock`
+        around both so that no other thread moves rows in between.
         """
         if admit_hook is not None and not isinstance(admit_hook, AdmitHook):
             raise TypeError(f"admit_hook must be an AdmitHook, got {type(admit_hook).__name__}")
@@ -398,7 +426,10 @@ class HashTable(nn.Module):
         records_grad = training and torch.is_grad_enabled()
         by_id = records_grad and self._grad_reduce_by == "id"
         with torch.no_grad():
-            got = self.store.resolve(ids, tags, training=training, admit=policy, count=by_id)
+            got = self.store.resolve(ids, tags, training=training, admit=policy, count=by_id,
+                                     occurrences=occurrences)
+        if records_grad:
+            self.grad_pending = True
         return Lookup(got.rows, got.inverse, got.counts if by_id else None,
                       training and policy is None, records_grad)
 
@@ -417,8 +448,11 @@ class HashTable(nn.Module):
             lookup = self.resolve(ids, tags, admit_hook)
             return self.gather(lookup), lookup.inverse
 
-    def accept_lookup_grad(self, lookup: Lookup, grad: Tensor) -> None:
-        """Backward of a lookup: ``grad`` holds one row per unique ID of ``lookup``."""
+    def accept_lookup_grad(self, lookup: Lookup, grad: Tensor, workers: int = 1) -> None:
+        """Backward of a lookup: ``grad`` holds one row per unique ID of ``lookup``, summed
+        over the ID's occurrences. ``grad_reduce_by="id"`` divides it by the occurrences;
+        ``"worker"`` by ``workers`` (a sharded lookup passes the world size: each worker's
+        loss is a mean over its own batch, so this gives the gradient of the mean over all)."""
         rows = lookup.rows
         if not lookup.all_valid:
             valid = rows >= 0
@@ -426,10 +460,8 @@ class HashTable(nn.Module):
         if lookup.counts is not None:  # grad_reduce_by="id": mean over occurrences
             counts = lookup.counts if lookup.all_valid else lookup.counts[lookup.rows >= 0]
             grad = grad / counts.view((-1,) + (1,) * (grad.dim() - 1)).to(grad.dtype)
-        else:  # "worker": sum over occurrences, divided by the number of workers
-            world = _world_size()
-            if world > 1:
-                grad = grad / world
+        elif workers > 1:
+            grad = grad / workers
         self.accept_grad(rows, grad, _unique=True)
 
     def forward(self, ids: Tensor, admit_hook: AdmitHook | None = None) -> Tensor:
@@ -586,6 +618,7 @@ class HashTable(nn.Module):
         self._grad_rows.clear()
         self._grad_values.clear()
         self._grad_unique = False
+        self.grad_pending = False
 
     # -- module semantics --------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
