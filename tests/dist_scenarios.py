@@ -215,9 +215,12 @@ def load_checkpoint(rank: int, world: int, out_dir: str, manager_dir: str) -> No
     """Restore the latest checkpoint of ``manager_dir`` into a fresh model on ``world``
     processes; write this rank's tables."""
     from recis.framework.checkpoint_manager import CheckpointManager
+    from recis.nn.modules.hashtable import filter_out_sparse_param
+    from recis.optim import SparseAdamW
 
     model = make_model(0)
-    CheckpointManager(model, output_dir=manager_dir).restore(strict=False)
+    sparse = SparseAdamW(filter_out_sparse_param(model), lr=0.05, weight_decay=0.01)
+    CheckpointManager(model, sparse, output_dir=manager_dir).restore(strict=False)
     save_file(table_state(model), os.path.join(out_dir, f"tables-{rank}.safetensors"))
 
 

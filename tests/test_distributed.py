@@ -17,7 +17,7 @@ def _train(tmp_path, world, name, **kw):
     args = (str(out), kw.pop("steps", STEPS), 0, kw.pop("manager_dir", None),
             kw.pop("save_at", None), kw.pop("resume", False))
     failed = run_ranks("train", world, args, str(tmp_path), **kw)
-    assert not failed, failed
+    assert not failed, "\n".join(f"rank {r}: {e}" for r, e in failed.items())
     tables = merged_table_states([str(out / f"tables-{r}.safetensors") for r in range(world)])
     return tables, load_file(str(out / "dense.safetensors"))
 

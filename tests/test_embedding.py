@@ -196,13 +196,6 @@ def test_option_validation(kwargs, match):
         EmbeddingOption(**kwargs)
 
 
-def test_sharded_embedding_is_refused_clearly(monkeypatch):
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 2)
-    with pytest.raises(NotImplementedError, match="world size > 1"):
-        DynamicEmbedding(EmbeddingOption(embedding_dim=DIM, shared_name="shard"))
-
-
 # -- EmbeddingEngine ---------------------------------------------------------------------------
 def test_engine_groups_identical_tables_and_keeps_ids_apart(backend):
     same = dict(embedding_dim=DIM, initializer=normal(5))

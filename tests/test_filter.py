@@ -82,10 +82,11 @@ def test_removed_rows_are_reset_and_reused():
     assert sorted(ht.ids().tolist()) == keep.tolist()
     live_rows = set(ht.ids_map()[1].tolist())
     dead = torch.tensor([r for r in range(10) if r not in live_rows])
-    assert torch.equal(ht.slot_values("embedding", dead), torch.full((5, 4), 3.0))
+    assert torch.equal(ht.slot_values("embedding", dead), torch.zeros(5, 4))  # no ID: zeros
     assert torch.equal(ht.slot_values("exp_avg", dead), torch.zeros(5, 4))
     assert torch.equal(ht.slot_values("step_filter", dead), torch.zeros(5, 1, dtype=torch.int64))
-    ht(torch.arange(100, 106))  # 5 freed rows are reused before the table grows
+    out = ht(torch.arange(100, 106))  # 5 freed rows are reused before the table grows
+    assert torch.equal(out, torch.full((6, 4), 3.0))  # with fresh initial values
     assert max(ht.ids_map()[1].tolist()) == len(ht) - 1 == 10
 
 
@@ -217,7 +218,8 @@ def test_recis_filter_scenario_on_a_coalesced_table():
     assert ids(table_b, "ht3") == []  # last seen at step 2, G is now 6, 2 < 6 - 3
     dead = [r for r in range(14) if r not in set(table_a.ids_map()[1].tolist())]
     assert torch.equal(table_a.slot_values("embedding", torch.tensor(dead)),
-                       torch.full((len(dead), 8), 3.0))
+                       torch.zeros(len(dead), 8))  # rows without an ID
+    assert torch.equal(table_a(torch.tensor([16, 17])), torch.full((2, 8), 3.0))  # fresh
 
 
 def test_hook_params_are_checked_when_the_option_is_built():

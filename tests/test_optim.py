@@ -197,7 +197,7 @@ def test_eviction_resets_row_state_and_readmission_starts_fresh(backend):
     assert table.ids().tolist() == [1]
     freed = torch.tensor([r for r in range(2) if r not in table.ids_map()[1].tolist()])
     assert torch.equal(table.slot_values(SparseAdagrad.slot, freed), torch.zeros(1, DIM))
-    assert torch.equal(table.slot_values("embedding", freed), torch.ones(1, DIM))
+    assert torch.equal(table.slot_values("embedding", freed), torch.zeros(1, DIM))  # no ID
     opt.zero_grad()
     emb(torch.tensor([[2]])).sum().backward()  # re-admitted: fresh row, zero accumulator
     opt.step()

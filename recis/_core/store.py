@@ -49,6 +49,12 @@ __all__ = ["TableStore", "Resolved", "Changes", "EMBEDDING"]
 EMBEDDING = "embedding"
 
 
+def _signed64(value: int) -> int:
+    """An integer seed (``torch.initial_seed()`` is unsigned) as a signed 64-bit int."""
+    value = int(value) & ((1 << 64) - 1)
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
 class Resolved(NamedTuple):
     """The rows behind a batch of IDs: ``rows[inverse]`` are the rows of the IDs."""
 
@@ -125,7 +131,7 @@ class TableStore:
                  seed: int = 0):
         self.lock = RWLock()
         self._children = list(children)
-        self._seed = int(seed)
+        self._seed = _signed64(seed)
         self._keys: dict[str, Tensor] = {}  # keyed slot -> one init key per child
         self._device = torch.device(device)
         self._backend = backend if backend is not None else backend_for(self._device)
@@ -187,7 +193,7 @@ class TableStore:
         """Key the initial values of IDs inserted from now on with ``seed`` (a checkpoint
         load gives a table the seed it was saved with)."""
         with self.lock.write():
-            self._seed = int(seed)
+            self._seed = _signed64(seed)
             self._keys.clear()
 
     def _slot_keys(self, slot: str, tags: Tensor | None) -> Tensor:

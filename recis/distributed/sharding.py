@@ -296,6 +296,7 @@ def sharded_lookup(ctx: ShardingContext, requests: Sequence[Request]) -> list[tu
         seg_child = torch.cat([torch.arange(len(r.table.children_hashtable))
                                for r in requests]).to(device)
         recv_req = seg_req[seg_of_recv]
+        dims = [math.prod(r.table.embedding_shape) for r in requests]
         owner_positions, owner_lookups, owner_inverse, owner_rows = [], [], [], []
         records = []
         for q, r in enumerate(requests):
@@ -310,9 +311,8 @@ def sharded_lookup(ctx: ShardingContext, requests: Sequence[Request]) -> list[tu
                 rows = table.store.read("embedding", lookup.rows)
             owner_lookups.append(lookup)
             owner_inverse.append(lookup.inverse)
-            owner_rows.append(rows[lookup.inverse].reshape(pos.numel(), -1))
+            owner_rows.append(rows[lookup.inverse].reshape(pos.numel(), dims[q]))
             records.append(lookup.records_grad)
-        dims = [math.prod(r.table.embedding_shape) for r in requests]
         # -- 5. rows back, in the order the IDs came ---------------------------------------------
         send_back = _flatten_rows(owner_rows, recv_req, owner_positions, dims, dtype, device)
         widths = torch.tensor(dims, device=device)

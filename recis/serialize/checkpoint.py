@@ -931,6 +931,12 @@ class _RowReplay:
             for name in fields:
                 if name not in ("row", "id", "deleted_id"):
                     write(name, rows, _cat(fields, name).to(self.device))
+        # rows the allocator holds as free, or never handed out, belong to no ID (their
+        # removal may predate this record: a delta lists only rows written since its base)
+        free = self.layout.get("free")
+        if free is not None and free.numel():
+            self.owned[free.to(self.device)] = False
+        self.owned[int(self.layout["next_row"][0]):] = False
         if self.phys + ".rng" in content:
             self.rng = _cat(content[self.phys + ".rng"], "state")
 

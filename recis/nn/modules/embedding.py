@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from recis.distributed.sharding import Request, ShardingContext, sharded_lookup, world_of
+from recis.distributed import sharding as _sharding  # module: recis.distributed imports recis.nn
 from recis.nn.functional.embedding_ops import COMBINERS, bag_reduce, table_bag_reduce
 from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.nn.initializers import ConstantInitializer, Initializer
@@ -238,7 +238,7 @@ def _flat_ids(features, children) -> tuple[Tensor, Tensor | None]:
     return values, tags
 
 
-def lookup_groups(groups: Sequence[Group], sharding: ShardingContext | None
+def lookup_groups(groups: Sequence[Group], sharding: _sharding.ShardingContext | None
                   ) -> list[list[Tensor]]:
     """The forward of :class:`DynamicEmbedding` and :class:`EmbeddingEngine`.
 
@@ -254,10 +254,10 @@ def lookup_groups(groups: Sequence[Group], sharding: ShardingContext | None
     requests = []
     for table, features, children, admit_hook in groups:
         values, tags = _flat_ids(features, children)
-        requests.append(Request(table, values, tags, admit_hook))
+        requests.append(_sharding.Request(table, values, tags, admit_hook))
     outputs = []
     for (_, features, _, _), (rows, inverse) in zip(
-            groups, sharded_lookup(sharding, requests), strict=True):
+            groups, _sharding.sharded_lookup(sharding, requests), strict=True):
         start, group_out = 0, []
         for opt, bags, ragged in features:
             n = bags.values.numel()
@@ -319,15 +319,15 @@ class DynamicEmbedding(nn.Module):
     """
 
     def __init__(self, emb_opt: EmbeddingOption, pg: Any = None,
-                 _sharding: ShardingContext | None = None):
+                 sharding: _sharding.ShardingContext | None = None):
         super().__init__()
         if not isinstance(emb_opt, EmbeddingOption):
             raise TypeError(f"emb_opt must be an EmbeddingOption, got {type(emb_opt).__name__}")
         pg = pg if pg is not None else emb_opt.pg
-        if _sharding is None and world_of(pg) > 1:
-            _sharding = ShardingContext(pg, emb_opt.max_partition_num)
+        if sharding is None and _sharding.world_of(pg) > 1:
+            sharding = _sharding.ShardingContext(pg, emb_opt.max_partition_num)
         self._pg = pg
-        self._sharding = _sharding
+        self._sharding = sharding
         self._emb_opt = copy.copy(emb_opt)
         self.hashtable = HashTable(
             embedding_shape=[emb_opt.embedding_dim],
@@ -336,7 +336,7 @@ class DynamicEmbedding(nn.Module):
             device=emb_opt.device,
             coalesced=emb_opt.coalesced,
             children=emb_opt.children,
-            slice=(_sharding.slice() if _sharding is not None
+            slice=(sharding.slice() if sharding is not None
                    else gen_slice(0, 1, emb_opt.max_partition_num)),
             initializer=emb_opt.initializer,
             name=emb_opt.shared_name,
@@ -357,7 +357,7 @@ class DynamicEmbedding(nn.Module):
         return lookup_groups([group], self._sharding)[0][0]
 
     @property
-    def sharding(self) -> ShardingContext | None:
+    def sharding(self) -> _sharding.ShardingContext | None:
         """The ranks the table is sharded over (None in one process)."""
         return self._sharding
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from recis.distributed.sharding import ShardingContext, world_of
+from recis.distributed import sharding as _sharding  # module: recis.distributed imports recis.nn
 from recis.nn.modules.embedding import (
     DynamicEmbedding,
     EmbeddingOption,
@@ -86,13 +86,13 @@ class EmbeddingEngine(nn.Module):
                              f"max_partition_num, got {len(pgs)} pgs and {sorted(slice_sizes)}")
         pg = next(iter(pgs.values()), None)
         self._sharding = None
-        if world_of(pg) > 1:  # one exchange per step for all the engine's tables
-            self._sharding = ShardingContext(pg, next(iter(slice_sizes)))
+        if _sharding.world_of(pg) > 1:  # one exchange per step for all the engine's tables
+            self._sharding = _sharding.ShardingContext(pg, next(iter(slice_sizes)))
         self._ht = nn.ModuleDict()
         for ht_name, kids in children.items():
             opt = copy.copy(first_opt[ht_name])
             opt.coalesced, opt.children, opt.shared_name = True, list(kids), ht_name
-            self._ht[ht_name] = DynamicEmbedding(opt, _sharding=self._sharding)
+            self._ht[ht_name] = DynamicEmbedding(opt, sharding=self._sharding)
         self._fea_to_group = {
             fea: (self._fea_to_ht[fea], str(opt.admit_hook)) for fea, opt in self._options.items()
         }

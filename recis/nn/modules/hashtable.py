@@ -450,9 +450,11 @@ class HashTable(nn.Module):
 
     def accept_lookup_grad(self, lookup: Lookup, grad: Tensor, workers: int = 1) -> None:
         """Backward of a lookup: ``grad`` holds one row per unique ID of ``lookup``, summed
-        over the ID's occurrences. ``grad_reduce_by="id"`` divides it by the occurrences;
-        ``"worker"`` by ``workers`` (a sharded lookup passes the world size: each worker's
-        loss is a mean over its own batch, so this gives the gradient of the mean over all)."""
+        over the ID's occurrences. ``grad_reduce_by="id"`` divides it by the occurrences (of
+        all ranks, for a sharded lookup). A sharded lookup passes the world size as
+        ``workers``, which divides it too: each worker's loss is a mean over its own batch,
+        so the result is the gradient of the mean over all batches, as one process on the
+        concatenated batch computes it (for either ``grad_reduce_by``)."""
         rows = lookup.rows
         if not lookup.all_valid:
             valid = rows >= 0
@@ -460,7 +462,7 @@ class HashTable(nn.Module):
         if lookup.counts is not None:  # grad_reduce_by="id": mean over occurrences
             counts = lookup.counts if lookup.all_valid else lookup.counts[lookup.rows >= 0]
             grad = grad / counts.view((-1,) + (1,) * (grad.dim() - 1)).to(grad.dtype)
-        elif workers > 1:
+        if workers > 1:
             grad = grad / workers
         self.accept_grad(rows, grad, _unique=True)
 
