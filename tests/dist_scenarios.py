@@ -24,11 +24,13 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, fn_name: str, args: tuple, timeout_s: float,
-            errors: str) -> None:
+            errors: str, backend: str = "gloo") -> None:
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         if world > 1:
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                     world_size=world,
                                     timeout=datetime.timedelta(seconds=timeout_s))
         globals()[fn_name](rank, world, *args)
@@ -42,14 +44,14 @@ def _worker(rank: int, world: int, port: int, fn_name: str, args: tuple, timeout
 
 
 def run_ranks(fn_name: str, world: int, args: tuple, tmp: str, timeout: float = 120.0,
-              collective_timeout: float = 30.0) -> dict[int, str]:
+              collective_timeout: float = 30.0, backend: str = "gloo") -> dict[int, str]:
     """Run ``fn_name(rank, world, *args)`` in ``world`` spawned processes; returns the error
     text of each rank that failed (empty when all succeeded). Never hangs: processes still
     running after ``timeout`` seconds are killed and reported."""
     errors = os.path.join(tmp, f"errors-{fn_name}-{world}")
     os.makedirs(errors, exist_ok=True)
     ctx = mp.start_processes(_worker, args=(world, free_port(), fn_name, args,
-                                            collective_timeout, errors),
+                                            collective_timeout, errors, backend),
                              nprocs=world, join=False, start_method="spawn")
     import time
 
@@ -147,9 +149,9 @@ def table_state(model) -> dict[str, torch.Tensor]:
         for child in table.children_hashtable:
             ids, rows = table.ids_map(child)
             order = torch.argsort(ids)
-            out[f"{child}.ids"] = ids[order]
+            out[f"{child}.ids"] = ids[order].cpu()
             for slot in table.slot_names:
-                out[f"{child}.{slot}"] = table.slot_values(slot, rows[order]).float()
+                out[f"{child}.{slot}"] = table.slot_values(slot, rows[order]).float().cpu()
     return out
 
 
@@ -170,9 +172,15 @@ def merged_table_states(paths: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _to(batch, device):
+    from recis.framework.trainer import move_batch
+
+    return batch if device == "cpu" else move_batch(batch, torch.device(device))
+
+
 def train(rank: int, world: int, out_dir: str, steps: int, seed: int = 0,
           manager_dir: str | None = None, save_at: int | None = None,
-          resume: bool = False) -> None:
+          resume: bool = False, device: str = "cpu") -> None:
     """Train the model ``steps`` steps on this rank's rows of the global batches; write this
     rank's tables (``tables-<rank>.safetensors``) and the dense weights (rank 0)."""
     from recis.distributed.data import rank_rows
@@ -182,6 +190,9 @@ def train(rank: int, world: int, out_dir: str, steps: int, seed: int = 0,
     from recis.optim import SparseAdamW
 
     model = make_model(seed)
+    if device != "cpu":
+        device = f"cuda:{torch.cuda.current_device()}"
+        model.to(device)
     sparse = SparseAdamW(filter_out_sparse_param(model), lr=0.05, weight_decay=0.01)
     dense = torch.optim.Adam(model.parameters(), lr=0.01)
     hook = HashTableFilterHook(2, tables=[model])
@@ -195,7 +206,7 @@ def train(rank: int, world: int, out_dir: str, steps: int, seed: int = 0,
         start = manager.restore()
         hook.load_state_dict(manager.restored_extra["hook"])
     for step in range(start, steps):
-        batch = rank_rows(global_batch(step), rank, world)
+        batch = _to(rank_rows(global_batch(step), rank, world), device)
         dense.zero_grad()
         sparse.zero_grad()
         ddp(batch).backward()
@@ -206,7 +217,7 @@ def train(rank: int, world: int, out_dir: str, steps: int, seed: int = 0,
             manager.save(step + 1, extra={"hook": hook.state_dict()})
     save_file(table_state(model), os.path.join(out_dir, f"tables-{rank}.safetensors"))
     if rank == 0:
-        save_file({k: v.detach().clone() for k, v in model.state_dict().items()
+        save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()
                    if isinstance(v, torch.Tensor)},
                   os.path.join(out_dir, "dense.safetensors"))
 

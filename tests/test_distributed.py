@@ -3,6 +3,8 @@ the same tables and dense weights as one process on the concatenated batches, sh
 checkpoints loading N -> M, bit-exact resume, a failing rank, mismatched tables."""
 
 
+import os
+
 import pytest
 import torch
 from dist_scenarios import merged_table_states, run_ranks
@@ -15,7 +17,7 @@ def _train(tmp_path, world, name, **kw):
     out = tmp_path / name
     out.mkdir()
     args = (str(out), kw.pop("steps", STEPS), 0, kw.pop("manager_dir", None),
-            kw.pop("save_at", None), kw.pop("resume", False))
+            kw.pop("save_at", None), kw.pop("resume", False), kw.pop("device", "cpu"))
     failed = run_ranks("train", world, args, str(tmp_path), **kw)
     assert not failed, "\n".join(f"rank {r}: {e}" for r, e in failed.items())
     tables = merged_table_states([str(out / f"tables-{r}.safetensors") for r in range(world)])
@@ -78,3 +80,70 @@ def test_ranks_with_different_tables_fail_at_the_first_lookup(tmp_path):
     failed = run_ranks("mismatched_tables", 2, (), str(tmp_path), timeout=90)
     for rank in (0, 1):
         assert "ranks look up different tables" in failed.get(rank, ""), failed
+
+
+def _main_job(tmp_path, nproc, extra=()):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / f"job{nproc}"
+    cmd = ["-m", "recis.examples.deepfm", "--steps", "24", "--batch-size", "256",
+           "--eval-every", "12", "--eval-batches", "4", "--no-progress", "--output", str(out),
+           *extra]
+    if nproc > 1:
+        cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               *cmd]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, done.stdout  # only rank 0 reports
+    return json.loads(lines[0])
+
+
+def test_the_main_job_under_torchrun_matches_one_process(tmp_path):
+    one, two = _main_job(tmp_path, 1), _main_job(tmp_path, 2)
+    assert two["processes"] == 2 and two["train_examples"] == one["train_examples"]
+    assert two["live_ids"] == one["live_ids"]
+    assert abs(two["eval_auc"] - one["eval_auc"]) < 1e-5
+    assert abs(two["eval_logloss"] - one["eval_logloss"]) < 1e-5
+
+
+def test_rank_rows_split_tensors_and_ragged_batches():
+    from recis.distributed.data import rank_rows
+    from recis.ragged.tensor import RaggedTensor
+
+    batch = {"label": torch.arange(5), "ids": RaggedTensor(torch.arange(7),
+                                                          torch.tensor([0, 2, 2, 5, 6, 7]))}
+    parts = [rank_rows(batch, r, 2) for r in range(2)]
+    assert [p["label"].tolist() for p in parts] == [[0, 1], [2, 3, 4]]  # shares differ by one
+    assert parts[0]["ids"].values().tolist() == [0, 1]
+    assert parts[1]["ids"].values().tolist() == [2, 3, 4, 5, 6]
+    assert parts[1]["ids"].offsets()[0].tolist() == [0, 3, 4, 5]
+    with pytest.raises(ValueError, match="at least the number of processes"):
+        rank_rows({"label": torch.arange(1)}, 0, 2)
+
+
+def test_one_ownership_rule_for_lookups_and_checkpoints():
+    from recis.nn.modules.hashtable import gen_slice, in_slice, slice_index
+
+    ids = torch.tensor([0, 1, -1, -2, 2**63 - 1, -(2**63), 65535, 65536, 123456789])
+    for size in (65536, 1000):
+        expect = [(int(i) % 2**64) % size for i in ids]  # the ID as uint64, mod size
+        assert slice_index(ids, size).tolist() == expect
+        owners = torch.zeros(ids.numel(), dtype=torch.int64)
+        for k in range(3):
+            owners += k * in_slice(ids, gen_slice(k, 3, size))
+        ends = [gen_slice(k, 3, size).slice_end for k in range(3)]
+        assert owners.tolist() == [sum(e <= x for e in ends) for x in expect]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices for nccl")
+def test_nccl_processes_on_gpus_train_as_one(tmp_path, one_process):
+    tables, dense = _train(tmp_path, 2, "nccl", backend="nccl", device="cuda")
+    ref_tables, ref_dense = one_process
+    _assert_same(ref_tables, tables, atol=1e-4, rtol=1e-3)
+    _assert_same(ref_dense, dense, atol=1e-4, rtol=1e-3)

@@ -56,8 +56,9 @@ def _take(value: Any, lo: int, hi: int) -> Any:
 
 
 def rank_rows(batch: Any, rank: int, world: int) -> Any:
-    """Rows ``[rank * B / W, (rank + 1) * B / W)`` of a batch of ``B`` rows (tensors, ragged
-    tensors, dicts and lists of them); ``B`` must be a multiple of ``W``.
+    """Rows ``[rank * B // W, (rank + 1) * B // W)`` of a batch of ``B`` rows (tensors, ragged
+    tensors, dicts and lists of them): equal shares when ``B`` is a multiple of ``W``, else
+    shares that differ by one row (e.g. the last, partial batch of a file). ``B >= W``.
 
     Example::
 
@@ -67,11 +68,10 @@ def rank_rows(batch: Any, rank: int, world: int) -> Any:
     rows = _rows_of(batch)
     if rows is None:
         raise ValueError("rank_rows: the batch holds no tensor with a batch dimension")
-    if rows % world:
-        raise ValueError(f"a global batch of {rows} rows cannot be split evenly over {world} "
-                         "ranks: make the batch size a multiple of the number of processes")
-    per = rows // world
-    return _take(batch, rank * per, (rank + 1) * per)
+    if rows < world:
+        raise ValueError(f"a global batch of {rows} rows cannot give each of {world} ranks a "
+                         "row: make the batch size at least the number of processes")
+    return _take(batch, rank * rows // world, (rank + 1) * rows // world)
 
 
 class RankSlice:

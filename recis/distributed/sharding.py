@@ -45,7 +45,15 @@ from torch import Tensor
 from recis.nn.hashtable_hook import AdmitHook
 from recis.nn.modules.hashtable import HashTable, Lookup, gen_slice, slice_index
 
-__all__ = ["ShardingContext", "Request", "sharded_lookup", "world_of"]
+__all__ = ["ShardingContext", "Request", "sharded_lookup", "world_of", "collective_device"]
+
+
+def collective_device(group: Any = None) -> torch.device:
+    """Where small tensors for collectives must live: the current CUDA device under nccl
+    (which takes CUDA tensors only), the CPU otherwise."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def world_of(pg: Any = None) -> int:
@@ -126,10 +134,10 @@ def _check_same_requests(ctx: ShardingContext, requests: Sequence[Request]) -> N
     all_gather), and on a difference raise on every rank, saying which ranks differ how."""
     desc = json.dumps([r.describe() for r in requests], sort_keys=True)
     digest = int.from_bytes(hashlib.sha256(desc.encode()).digest()[:8], "little", signed=True)
-    mine = torch.tensor([digest], dtype=torch.int64)
+    mine = torch.tensor([digest], dtype=torch.int64, device=collective_device(ctx.group))
     everyone = [torch.zeros_like(mine) for _ in range(ctx.world)]
     dist.all_gather(everyone, mine, group=ctx.group)
-    if any(int(d) != digest for d in everyone):
+    if any(int(d.item()) != digest for d in everyone):
         descs: list[Any] = [None] * ctx.world
         dist.all_gather_object(descs, desc, group=ctx.group)
         lines = [f"  rank {k}: {d}" for k, d in enumerate(descs)]

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from recis.distributed.sharding import collective_device
 from recis.nn.modules.hashtable import split_sparse_dense_state_dict
 from recis.serialize._files import (
     CheckpointError,
@@ -198,9 +199,10 @@ class CheckpointManager:
         state = torch.get_rng_state()
         if self.world == 1:
             return {"rng/torch": state}
-        everyone = [torch.empty_like(state) for _ in range(self.world)]
-        dist.all_gather(everyone, state)
-        return {f"rng/torch/{k}": s for k, s in enumerate(everyone)}
+        device = collective_device()
+        everyone = [torch.empty_like(state, device=device) for _ in range(self.world)]
+        dist.all_gather(everyone, state.to(device))
+        return {f"rng/torch/{k}": s.cpu() for k, s in enumerate(everyone)}
 
     def _state(self, step: int, extra: Mapping | None) -> tuple[dict, dict, dict]:
         state = self.model.state_dict()

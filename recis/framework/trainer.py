@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from recis.distributed.sharding import collective_device
 from recis.hooks.hook import Hook
 from recis.hooks.logger_hook import LoggerHook
 from recis.nn.modules.hashtable import HashTable
@@ -200,7 +201,7 @@ class Trainer:
         the sharded tables' lookups are collective)."""
         if self.world == 1:
             return has
-        flag = torch.tensor([1 if has else 0])
+        flag = torch.tensor([1 if has else 0], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
@@ -208,7 +209,7 @@ class Trainer:
         """Sums over the ranks (collective)."""
         if self.world == 1:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=collective_device())
         dist.all_reduce(t)
         return t.tolist()
 

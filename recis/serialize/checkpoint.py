@@ -336,7 +336,11 @@ class Saver:
         flags = torch.tensor([int(t.store.changes_complete) for t in self.tables.values()],
                              dtype=torch.int64)
         if self.shard_num > 1 and dist.is_available() and dist.is_initialized():
+            from recis.distributed.sharding import collective_device
+
+            flags = flags.to(collective_device())
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+            flags = flags.cpu()
         return {t.name for t, ok in zip(self.tables.values(), flags.tolist(), strict=True)
                 if not ok}
 

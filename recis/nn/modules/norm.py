@@ -9,6 +9,24 @@ from torch import Tensor, nn
 __all__ = ["DistributedBatchNorm1d"]
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks; the gradient of each rank's input is the sum of the ranks'
+    output gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class DistributedBatchNorm1d(nn.BatchNorm1d):
     """``nn.BatchNorm1d`` that, in training under ``torch.distributed`` with several ranks,
     normalises with the mean and variance of all ranks' batches together (as
@@ -42,11 +60,9 @@ class DistributedBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self._world() == 1 or x.dim() != 2:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         stats = torch.cat([x.sum(0), (x * x).sum(0),
                            torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)])
-        stats = all_reduce(stats, group=self.process_group or dist.group.WORLD)
+        stats = _AllReduceSum.apply(stats, self.process_group)
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n
