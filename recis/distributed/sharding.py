@@ -18,12 +18,13 @@ A step of a module (all its tables at once: one exchange per step, not per featu
    stamps: the policies see each ID once, with its total count) and gathers the rows;
 5. ``all_to_all`` of the rows back, in the order the IDs came; each rank pools its own bags.
 
-Backward: one ``all_to_all`` of the unique rows' gradients to their owners, which sum them per
-row and keep them for the sparse optimizers (divided by the world size for the default
-``grad_reduce_by="worker"``, so that W ranks with a mean loss over their own batch give the
-gradient of the mean over the concatenated batch; divided by the ID's total occurrences for
-``"id"``). Bytes on the wire per unique ID and step: 8 for the ID (12 with a count), and the
-row twice (forward and backward), which is below ``2 * (8 + 4 * dim)``.
+Backward: one asynchronous ``all_to_all`` of the unique rows' gradients to their owners (the
+rest of the backward runs meanwhile; a table takes them when its gradient is first read, by
+the sparse optimizer's step), which sum them per row and keep them for the optimizers
+(divided by the world size, so that W ranks with a mean loss over their own batch give the
+gradient of the mean over the concatenated batch; for ``grad_reduce_by="id"`` divided by the
+ID's total occurrences too). Bytes on the wire per unique ID and step: 8 for the ID (12 with
+a count), and the row twice (forward and backward), which is below ``2 * (8 + 4 * dim)``.
 
 The exchanges run on a process group of their own (the same ranks), so they never interleave
 with ``DistributedDataParallel``'s collectives on the default group.
@@ -101,10 +102,11 @@ class ShardingContext:
         return torch.bucketize(low, self.ends.to(ids.device), right=True)
 
     def _all_to_all(self, out: Tensor, inp: Tensor, out_splits: list[int],
-                    in_splits: list[int]) -> None:
+                    in_splits: list[int], async_op: bool = False):
         sent = sum(in_splits) - in_splits[self.rank]
         self.bytes_sent += sent * inp.element_size()
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group,
+                                      async_op=async_op)
 
 
 @dataclass
@@ -222,17 +224,30 @@ class _ExchangeGrad(torch.autograd.Function):
         recv_elems = widths[plan.recv_req].split(plan.recv_splits)
         send_elems = widths[plan.send_req].split(plan.send_splits)
         recv = torch.empty(sum(int(w.sum()) for w in recv_elems), dtype=dtype, device=device)
-        sc._all_to_all(recv, send, [int(w.sum()) for w in recv_elems],
-                       [int(w.sum()) for w in send_elems])
-        received = _unflatten_rows(recv, plan.recv_req, plan.owner_positions, plan.dims)
-        for q, request in enumerate(requests):
-            lookup = plan.owner_lookups[q]
-            if lookup is None or not lookup.records_grad:
-                continue
-            summed = torch.zeros(lookup.rows.numel(), plan.dims[q], dtype=dtype, device=device)
-            summed.index_add_(0, plan.owner_inverse[q], received[q])
-            request.table.accept_lookup_grad(
-                lookup, summed.view(-1, *request.table.embedding_shape), workers=sc.world)
+        # asynchronous: the rest of the backward (dense layers, DDP's all-reduce) runs while
+        # the gradients travel; the tables take them when their gradient is first read
+        work = sc._all_to_all(recv, send, [int(w.sum()) for w in recv_elems],
+                              [int(w.sum()) for w in send_elems], async_op=True)
+        done = []
+
+        def finish() -> None:
+            if done:
+                return
+            done.append(True)
+            work.wait()
+            received = _unflatten_rows(recv, plan.recv_req, plan.owner_positions, plan.dims)
+            for q, request in enumerate(requests):
+                lookup = plan.owner_lookups[q]
+                if lookup is None or not lookup.records_grad:
+                    continue
+                summed = torch.zeros(lookup.rows.numel(), plan.dims[q], dtype=dtype,
+                                     device=device)
+                summed.index_add_(0, plan.owner_inverse[q], received[q])
+                request.table.accept_lookup_grad(
+                    lookup, summed.view(-1, *request.table.embedding_shape), workers=sc.world)
+
+        for request in requests:
+            request.table.defer_grad(finish)
         return (None, None) + (None,) * len(grads)
 
 

@@ -9,6 +9,7 @@ the sparse optimizers.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -279,6 +280,7 @@ class HashTable(nn.Module):
         # a lookup that records gradients happened since clear_grad: the sparse optimizers
         # count a step for the table even if no row of this shard got a gradient
         self.grad_pending = False
+        self._deferred: list[Callable[[], None]] = []  # gradients still on the wire
         self._backward_holder = torch.zeros(1, requires_grad=True)
         self._filter_hook = filter_hook
         if filter_hook is not None:
@@ -579,12 +581,23 @@ class HashTable(nn.Module):
         self._grad_values.append(grad.detach().to(self.dtype))
         self._grad_unique = _unique and len(self._grad_rows) == 1
 
+    def defer_grad(self, finish: Callable[[], None]) -> None:
+        """Register ``finish``, which hands this table gradients that are still arriving (a
+        sharded backward's exchange runs beside the rest of the backward); the first reader
+        of the gradient (:meth:`grad_rows`, :meth:`grad`, :meth:`clear_grad`) runs it."""
+        self._deferred.append(finish)
+
+    def _take_deferred(self) -> None:
+        while self._deferred:
+            self._deferred.pop(0)()
+
     def grad_rows(self, acc_steps: int = 1) -> tuple[Tensor, Tensor]:
         """The accumulated gradient as ``(unique rows, per-row sum / acc_steps)``.
 
         Rows are ascending, except for the gradient of a single lookup, which is returned as
         it came (its rows are already unique).
         """
+        self._take_deferred()
         shape = self._embedding_shape
         if not self._grad_rows:
             return (
@@ -617,6 +630,7 @@ class HashTable(nn.Module):
                                        check_invariants=False)
 
     def clear_grad(self) -> None:
+        self._take_deferred()
         self._grad_rows.clear()
         self._grad_values.clear()
         self._grad_unique = False
