@@ -137,6 +137,12 @@ class Trainer:
     order, as the recis readers and the synthetic stream do with a fixed seed). Training then
     continues exactly as if it had not stopped.
 
+    Several processes (``torch.distributed`` initialised, more than one rank): the model is
+    wrapped in ``DistributedDataParallel`` (its tables shard themselves), every rank steps
+    while all ranks have a batch (a rank that runs out stops them all: the sharded lookups are
+    collective), logged losses and evaluation metrics are over all ranks, and only rank 0
+    shows the progress bar.
+
     Attributes:
         history (list[dict]): one record per logged step and per evaluation: ``step``,
             ``loss``, ``examples_per_second``, ``tables`` (live IDs per table), and
