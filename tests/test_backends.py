@@ -198,3 +198,28 @@ def test_backend_choice_and_registry():
     with pytest.raises(ValueError, match="already registered"):
         register_backend("torch", TorchBackend)
     assert {"numba", "torch"} <= set(registered_backends())
+
+
+@pytest.mark.parametrize("with_tags", [False, True])
+def test_map_resolve_and_insert_missing(with_tags):
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randint(-(2**62), 2**62, (30_000,), generator=gen)
+    batch = keys[torch.randint(0, 30_000, (50_000,), generator=gen)]  # > PARALLEL_MIN
+    batch[:3] = torch.tensor([0, -1, 2**63 - 1])
+    tags = (batch.abs() % 3) if with_tags else None
+    got = {}
+    for backend in (NUMBA, TORCH):
+        table = backend.map_new(1 << 16, torch.device("cpu"))
+        pre = torch.unique(keys[:5000])
+        backend.map_lookup_or_insert(table, pre, None if not with_tags else pre.abs() % 3,
+                                     torch.zeros(0, dtype=torch.int64), 0, 0)
+        uniq, uniq_tags, inverse, rows = backend.map_resolve(table, batch, tags)
+        known = rows.clone()
+        inserted, *_ = backend.map_insert_missing(table, uniq, uniq_tags, rows,
+                                                  torch.zeros(0, dtype=torch.int64), 0, 5000)
+        got[backend.name] = (uniq, uniq_tags, inverse, known, rows, inserted)
+    for a, b in zip(got["numba"], got["torch"], strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    uniq, uniq_tags, inverse, known, rows, inserted = got["numba"]
+    assert torch.equal(uniq[inverse], batch)  # first-occurrence order, inverse exact
+    assert torch.equal(inserted, known < 0) and bool((rows >= 0).all())

@@ -89,6 +89,33 @@ class IdMap:
             return torch.zeros(0, dtype=torch.int64, device=self.device)
         return self.backend.map_lookup(self._table, ids, tags)
 
+    def resolve(self, ids: Tensor, tags: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """Deduplicate a batch and look its unique keys up: ``(uniq, uniq_tags, inverse,
+        rows)``, ``rows`` -1 where absent (see :meth:`insert_missing`). Writes nothing."""
+        if ids.numel() == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return empty, (None if tags is None else empty), empty, empty.clone()
+        return self.backend.map_resolve(self._table, ids, tags)
+
+    def insert_missing(self, ids: Tensor, tags: Tensor | None, rows: Tensor) -> Tensor:
+        """Insert the unique keys whose ``rows`` entry is -1, in order, writing their rows
+        into ``rows``; returns the mask of the inserted keys."""
+        n_missing = int((rows < 0).sum())
+        if n_missing == 0:
+            return torch.zeros(rows.numel(), dtype=torch.bool, device=self.device)
+        self._reserve(n_missing)
+        if self._n_free == 0 and self._free.numel():
+            self._free = self._free[:0]
+        inserted, self._n_free, self._next_row, reused = self.backend.map_insert_missing(
+            self._table, ids, tags, rows, self._free, self._n_free, self._next_row)
+        if self._next_row > ROW_MASK:
+            raise RuntimeError(f"ID map holds more than {ROW_MASK} rows")
+        self._size += n_missing
+        self._used += n_missing - reused
+        self.inserted_total += n_missing
+        return inserted
+
     def lookup_or_insert(
         self, ids: Tensor, tags: Tensor | None = None, *, assume_unique: bool = False,
         return_inserted: bool = False,
@@ -103,9 +130,8 @@ class IdMap:
             rows = torch.zeros(0, dtype=torch.int64, device=self.device)
             return (rows, rows.bool()) if return_inserted else rows
         if not assume_unique:
-            uniq, uniq_tags, inverse = self.backend.unique_with_inverse(ids, tags)
-            rows, inserted = self.lookup_or_insert(uniq, uniq_tags, assume_unique=True,
-                                                   return_inserted=True)
+            uniq, uniq_tags, inverse, rows = self.resolve(ids, tags)
+            inserted = self.insert_missing(uniq, uniq_tags, rows)
             if not return_inserted:
                 return rows[inverse]
             first = torch.zeros(ids.numel(), dtype=torch.bool, device=self.device)

@@ -204,11 +204,14 @@ class TableStore:
             self._keys[slot] = keys
         return keys[0] if tags is None else keys[tags]
 
-    def _insert(self, ids: Tensor, tags: Tensor | None) -> Tensor:
-        """Rows of unique keys, inserting the absent ones; new rows of keyed slots get their
-        initial values."""
-        rows, inserted = self._map.lookup_or_insert(ids, tags, assume_unique=True,
-                                                    return_inserted=True)
+    def _insert(self, ids: Tensor, tags: Tensor | None, rows: Tensor | None = None) -> Tensor:
+        """Rows of unique keys, inserting the absent ones (``rows``: their rows, -1 where
+        absent, when already looked up); new rows of keyed slots get their initial values."""
+        if rows is None:
+            rows, inserted = self._map.lookup_or_insert(ids, tags, assume_unique=True,
+                                                        return_inserted=True)
+        else:
+            inserted = self._map.insert_missing(ids, tags, rows)
         self._grow()
         keyed = self._slots.keyed_slots()
         if keyed and bool(inserted.any()):
@@ -281,7 +284,7 @@ class TableStore:
         per key of ``ids``, summed, instead of one per key).
         """
         with self.lock.write() if training else self.lock.read():
-            uniq, uniq_tags, inverse = self._backend.unique_with_inverse(ids, tags)
+            uniq, uniq_tags, inverse, found = self._map.resolve(ids, tags)
             admitting = training and admit is not None and not getattr(
                 admit, "admits_nothing", False)
             counts = None
@@ -290,11 +293,11 @@ class TableStore:
                           else torch.zeros(uniq.numel(), dtype=torch.int64, device=self._device)
                           .index_add_(0, inverse, occurrences.to(torch.int64)))
             if not training or (admit is not None and not admitting):
-                rows = self._map.lookup(uniq, uniq_tags)
+                rows = found
             elif admit is None:
-                rows = self._insert(uniq, uniq_tags)
+                rows = self._insert(uniq, uniq_tags, found)
             else:
-                rows = self._map.lookup(uniq, uniq_tags)
+                rows = found
                 missing = (rows < 0).nonzero().squeeze(1)
                 if missing.numel():
                     miss_tags = None if uniq_tags is None else uniq_tags[missing]

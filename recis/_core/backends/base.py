@@ -145,6 +145,22 @@ class Backend:
         of the keys that were absent."""
         raise NotImplementedError
 
+    def map_resolve(self, table: Tensor, ids: Tensor, tags: Tensor | None
+                    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """:meth:`unique_with_inverse` and :meth:`map_lookup` of the unique keys in one call
+        (one parallel pass on CPU): ``(uniq, uniq_tags, inverse, rows)``, ``rows`` -1 where
+        absent, unique keys in first-occurrence order."""
+        raise NotImplementedError
+
+    def map_insert_missing(self, table: Tensor, ids: Tensor, tags: Tensor | None,
+                           rows: Tensor, free: Tensor, n_free: int, next_row: int
+                           ) -> tuple[Tensor, int, int, int]:
+        """Insert the unique keys whose ``rows`` entry is -1 (absent: see :meth:`map_resolve`),
+        in input order, writing their new rows into ``rows``; rows as in
+        :meth:`map_lookup_or_insert`. Returns ``(inserted, n_free, next_row,
+        tombstones_reused)``."""
+        raise NotImplementedError
+
     def map_delete(self, table: Tensor, ids: Tensor, tags: Tensor | None) -> Tensor:
         """Remove keys; the freed row of each, -1 where absent (and for repeats of a key)."""
         raise NotImplementedError

@@ -449,3 +449,130 @@ def sgd_update_range(emb_addr, buf_addr, grads, lr, momentum, l2, nesterov, lo, 
         else:
             for j in range(width):
                 e[j] -= lr * (grads[u, j] + l2 * e[j])
+
+
+# -- one parallel pass: deduplicate a batch and look its unique keys up in the map -------------
+# The keys are split into NPART partitions by the top bits of their hash; each partition is
+# deduplicated on its own (a small table that stays in cache) and its unique keys are looked
+# up in the map right away. The number of partitions and of input chunks is fixed, so results
+# do not depend on how many threads run the ranges; the caller then numbers the unique keys
+# in first-occurrence order, which keeps row assignment the same as one serial pass.
+NPART = 16
+NCHUNK = 16
+_PART_SHIFT = np.uint64(60)  # top 4 bits of the hash pick the partition
+
+
+@njit(inline="always", cache=True)
+def _part(h):
+    return np.int64(np.uint64(h) >> _PART_SHIFT)
+
+
+@njit(cache=True, nogil=True)
+def dedup_hash_range(ids, tags, hashes, counts, lo, hi):
+    """Chunks ``[lo, hi)`` of ``NCHUNK`` over the keys: hash each key, count keys per
+    (chunk, partition) into ``counts`` (NCHUNK, NPART)."""
+    n = ids.shape[0]
+    has_tags = tags.shape[0] == n and n > 0
+    for c in range(lo, hi):
+        for p in range(NPART):
+            counts[c, p] = 0
+        for i in range(n * c // NCHUNK, n * (c + 1) // NCHUNK):
+            h = _hash(ids[i], tags[i] if has_tags else 0)
+            hashes[i] = h
+            counts[c, _part(h)] += 1
+
+
+@njit(cache=True, nogil=True)
+def dedup_scatter_range(hashes, cursors, order, lo, hi):
+    """Chunks ``[lo, hi)``: write each key's position into ``order`` at its (chunk,
+    partition) cursor, so every partition lists its keys in input order."""
+    n = hashes.shape[0]
+    for c in range(lo, hi):
+        for i in range(n * c // NCHUNK, n * (c + 1) // NCHUNK):
+            p = _part(hashes[i])
+            order[cursors[c, p]] = i
+            cursors[c, p] += 1
+
+
+@njit(cache=True, nogil=True)
+def dedup_partition_range(table, ids, tags, hashes, order, part_start, local, first_pos,
+                          n_uniq, rows, lo, hi):
+    """Partitions ``[lo, hi)``: deduplicate the keys ``order[part_start[p]:part_start[p+1]]``
+    (``local[i]``: index of key ``i`` among its partition's unique keys; ``first_pos[s + u]``:
+    position of unique key ``u``'s first occurrence, ``s = part_start[p]``), then look the
+    unique keys up in the map (``rows[s + u]``: row or -1)."""
+    n = ids.shape[0]
+    has_tags = tags.shape[0] == n and n > 0
+    mask = table.shape[0] - 1
+    base = table.ctypes.data
+    for p in range(lo, hi):
+        s, e = part_start[p], part_start[p + 1]
+        cap = 16
+        while cap < 2 * (e - s):
+            cap *= 2
+        slots = np.full(cap, -1, np.int64)
+        count = 0
+        for k in range(s, e):
+            i = order[k]
+            key = ids[i]
+            tag = tags[i] if has_tags else 0
+            j = hashes[i] & (cap - 1)
+            while True:
+                u = slots[j]
+                if u < 0:
+                    slots[j] = count
+                    first_pos[s + count] = i
+                    local[i] = count
+                    count += 1
+                    break
+                f = first_pos[s + u]
+                if ids[f] == key and (not has_tags or tags[f] == tag):
+                    local[i] = u
+                    break
+                j = (j + 1) & (cap - 1)
+        n_uniq[p] = count
+        for u in range(count):
+            if u + _PREFETCH_AHEAD < count:
+                _prefetch(base + (hashes[first_pos[s + u + _PREFETCH_AHEAD]] & mask) * 16)
+            i = first_pos[s + u]
+            tag = tags[i] if has_tags else 0
+            found, _ = _find(table, ids[i], tag, hashes[i] & mask, mask)
+            rows[s + u] = table[found, 1] & ROW_MASK if found >= 0 else -1
+
+
+@njit(cache=True, nogil=True)
+def dedup_number(ids, tags, first_pos, part_start, n_uniq, rows_part, global_of):
+    """Number the unique keys in first-occurrence order: returns ``(uniq, uniq_tags, rows)``
+    and fills ``global_of[s + u]`` (the number of partition slot ``s + u``)."""
+    n = ids.shape[0]
+    has_tags = tags.shape[0] == n and n > 0
+    at = np.full(n, -1, np.int64)  # position of a first occurrence -> its partition slot
+    total = 0
+    for p in range(NPART):
+        s = part_start[p]
+        for u in range(n_uniq[p]):
+            at[first_pos[s + u]] = s + u
+        total += n_uniq[p]
+    uniq = np.empty(total, np.int64)
+    uniq_tags = np.zeros(total if has_tags else 0, np.int64)
+    rows = np.empty(total, np.int64)
+    g = 0
+    for i in range(n):
+        slot = at[i]
+        if slot >= 0:
+            global_of[slot] = g
+            uniq[g] = ids[i]
+            if has_tags:
+                uniq_tags[g] = tags[i]
+            rows[g] = rows_part[slot]
+            g += 1
+    return uniq, uniq_tags, rows
+
+
+@njit(cache=True, nogil=True)
+def dedup_inverse_range(hashes, local, part_start, global_of, inverse, lo, hi):
+    """Chunks ``[lo, hi)``: ``inverse[i]`` = the number of key ``i``'s unique key."""
+    n = hashes.shape[0]
+    for c in range(lo, hi):
+        for i in range(n * c // NCHUNK, n * (c + 1) // NCHUNK):
+            inverse[i] = global_of[part_start[_part(hashes[i])] + local[i]]

@@ -256,6 +256,21 @@ class TorchBackend(Backend):
     def map_lookup_or_insert(self, table, ids, tags, free, n_free, next_row):
         return map_lookup_or_insert(table[:, 0], table[:, 1], ids, tags, free, n_free, next_row)
 
+    def map_resolve(self, table, ids, tags):
+        uniq, uniq_tags, inverse = unique_with_inverse(ids, tags)
+        return uniq, uniq_tags, inverse, map_lookup(table[:, 0], table[:, 1], uniq, uniq_tags)
+
+    def map_insert_missing(self, table, ids, tags, rows, free, n_free, next_row):
+        inserted = rows < 0
+        missing = inserted.nonzero().squeeze(1)
+        reused = 0
+        if missing.numel():
+            new_rows, n_free, next_row = take_rows(free, n_free, next_row, missing.numel())
+            rows[missing] = new_rows
+            reused = _insert_absent(table[:, 0], table[:, 1], ids[missing],
+                                    None if tags is None else tags[missing], new_rows)
+        return inserted, n_free, next_row, reused
+
     def map_delete(self, table, ids, tags):
         return map_delete(table[:, 0], table[:, 1], ids, tags)
 
