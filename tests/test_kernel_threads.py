@@ -165,59 +165,6 @@ def update_cases(dtype):
     ]
 
 
-def dedup_cases(tagged):
-    """The four ranges of the one-pass dedup + lookup (NumbaBackend.map_resolve), each on the
-    outputs of the ranges before it (computed here over the whole range)."""
-    rng = np.random.default_rng(7)
-    keys = rng.integers(-(2**62), 2**62, N // 2, dtype=np.int64)
-    ids = keys[rng.integers(0, keys.size, N)]  # duplicates
-    tags = rng.integers(0, 3, N, dtype=np.int64) if tagged else np.zeros(0, np.int64)
-    table = new_table(1 << 16, torch.device("cpu")).numpy()
-    rows = np.full(N // 4, -1, np.int64)
-    _numba.map_insert_missing(table, keys[: N // 4], tags[: N // 4] if tagged else tags, rows,
-                              np.zeros(0, np.int64), 0, 0)
-    nc, npart = _numba.NCHUNK, _numba.NPART
-    hashes, counts = np.empty(N, np.int64), np.empty((nc, npart), np.int64)
-    _numba.dedup_hash_range(ids, tags, hashes, counts, 0, nc)
-    part_start = np.zeros(npart + 1, np.int64)
-    np.cumsum(counts.sum(0), out=part_start[1:])
-    cursors = np.ascontiguousarray(part_start[:-1][None, :] + np.cumsum(counts, 0) - counts)
-    order = np.empty(N, np.int64)
-    _numba.dedup_scatter_range(hashes, cursors.copy(), order, 0, nc)
-    local, first_pos, rows_part = (np.empty(N, np.int64) for _ in range(3))
-    n_uniq = np.empty(npart, np.int64)
-    _numba.dedup_partition_range(table, ids, tags, hashes, order, part_start, local, first_pos,
-                                 n_uniq, rows_part, 0, npart)
-    global_of = np.empty(N, np.int64)
-    _numba.dedup_number(ids, tags, first_pos, part_start, n_uniq, rows_part, global_of)
-    name = f"(tags={tagged})"
-
-    def hash_build():
-        h, c = np.empty(N, np.int64), np.empty((nc, npart), np.int64)
-        return (ids, tags, h, c), [h, c]
-
-    def scatter_build():
-        o = np.empty(N, np.int64)
-        return (hashes, cursors.copy(), o), [o]
-
-    def partition_build():
-        outs = [np.full(N, -9, np.int64) for _ in range(3)] + [np.empty(npart, np.int64)]
-        lo_, fp, rw, nu = outs
-        return (table, ids, tags, hashes, order, part_start, lo_, fp, nu, rw), outs
-
-    def inverse_build():
-        inv = np.empty(N, np.int64)
-        return (hashes, local, part_start, global_of, inv), [inv]
-
-    return [Case("dedup_hash_range" + name, _numba.dedup_hash_range, nc, hash_build, work=N),
-            Case("dedup_scatter_range" + name, _numba.dedup_scatter_range, nc, scatter_build,
-                 work=N),
-            Case("dedup_partition_range" + name, _numba.dedup_partition_range, npart,
-                 partition_build, work=N),
-            Case("dedup_inverse_range" + name, _numba.dedup_inverse_range, nc, inverse_build,
-                 work=N)]
-
-
 CASES = [
     lookup_case(False),
     lookup_case(True),
@@ -225,8 +172,6 @@ CASES = [
     *[bag_reduce_case(t, w, m) for t in FLOATS for w in (False, True) for m in (False, True)],
     *[bag_backward_case(t, w, m) for t in FLOATS for w in (False, True) for m in (False, True)],
     *[c for t in FLOATS for c in update_cases(t)],
-    *dedup_cases(False),
-    *dedup_cases(True),
 ]
 
 

@@ -109,31 +109,10 @@ class NumbaBackend(TorchBackend):
         return rows, inserted, int(n_free), int(next_row), int(reused)
 
     def map_resolve(self, table, ids, tags):
-        n = ids.numel()
-        if n < PARALLEL_MIN:  # the one-pass partitioned version pays off on large batches
-            return super().map_resolve(table, ids, tags)
-        ids_np, tags_np = ids.contiguous().numpy(), _np_tags(tags if tags is None
-                                                            else tags.contiguous())
-        hashes = np.empty(n, np.int64)
-        counts = np.empty((nk.NCHUNK, nk.NPART), np.int64)
-        run_ranges(nk.dedup_hash_range, nk.NCHUNK, ids_np, tags_np, hashes, counts, work=n)
-        part_start = np.zeros(nk.NPART + 1, np.int64)
-        np.cumsum(counts.sum(0), out=part_start[1:])
-        cursors = np.ascontiguousarray(part_start[:-1][None, :] + np.cumsum(counts, 0) - counts)
-        order = np.empty(n, np.int64)
-        run_ranges(nk.dedup_scatter_range, nk.NCHUNK, hashes, cursors, order, work=n)
-        local, first_pos, rows_part = (np.empty(n, np.int64) for _ in range(3))
-        n_uniq = np.empty(nk.NPART, np.int64)
-        run_ranges(nk.dedup_partition_range, nk.NPART, table.numpy(), ids_np, tags_np, hashes,
-                   order, part_start, local, first_pos, n_uniq, rows_part, work=n)
-        global_of = np.empty(n, np.int64)
-        uniq, uniq_tags, rows = nk.dedup_number(ids_np, tags_np, first_pos, part_start, n_uniq,
-                                                rows_part, global_of)
-        inverse = np.empty(n, np.int64)
-        run_ranges(nk.dedup_inverse_range, nk.NCHUNK, hashes, local, part_start, global_of,
-                   inverse, work=n)
-        return (torch.from_numpy(uniq), None if tags is None else torch.from_numpy(uniq_tags),
-                torch.from_numpy(inverse), torch.from_numpy(rows))
+        # A hash-partitioned parallel dedup fused with the lookup was measured slower on 2
+        # cores (3.9 vs 2.5 ms for 82k keys): its extra passes cost more than it saves.
+        uniq, uniq_tags, inverse = self.unique_with_inverse(ids, tags)
+        return uniq, uniq_tags, inverse, self.map_lookup(table, uniq, uniq_tags)
 
     def map_insert_missing(self, table, ids, tags, rows, free, n_free, next_row):
         inserted = rows < 0

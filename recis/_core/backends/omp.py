@@ -250,73 +250,6 @@ def _sgd(dt, stamp):
     return run
 
 
-def _dedup_hash(dt, stamp):
-    @cfunc(_SIG, cache=True)
-    def run(block):
-        b = _words(block, _HEADER + 9)
-        if stamp == 0:
-            return
-        ids, tags, hashes = _vec(b, 3, np.int64), _vec(b, 5, np.int64), _vec(b, 7, np.int64)
-        counts = _mat(b, 9, np.int64)
-        lo, hi = _claim(block, b)
-        while lo < hi:
-            _numba.dedup_hash_range(ids, tags, hashes, counts, lo, hi)
-            lo, hi = _claim(block, b)
-
-    return run
-
-
-def _dedup_scatter(dt, stamp):
-    @cfunc(_SIG, cache=True)
-    def run(block):
-        b = _words(block, _HEADER + 7)
-        if stamp == 0:
-            return
-        hashes, cursors, order = _vec(b, 3, np.int64), _mat(b, 5, np.int64), _vec(b, 8, np.int64)
-        lo, hi = _claim(block, b)
-        while lo < hi:
-            _numba.dedup_scatter_range(hashes, cursors, order, lo, hi)
-            lo, hi = _claim(block, b)
-
-    return run
-
-
-def _dedup_partition(dt, stamp):
-    @cfunc(_SIG, cache=True)
-    def run(block):
-        b = _words(block, _HEADER + 21)
-        if stamp == 0:
-            return
-        table = _mat(b, 3, np.int64)
-        ids, tags, hashes = _vec(b, 6, np.int64), _vec(b, 8, np.int64), _vec(b, 10, np.int64)
-        order, part_start = _vec(b, 12, np.int64), _vec(b, 14, np.int64)
-        local, first_pos = _vec(b, 16, np.int64), _vec(b, 18, np.int64)
-        n_uniq, rows = _vec(b, 20, np.int64), _vec(b, 22, np.int64)
-        lo, hi = _claim(block, b)
-        while lo < hi:
-            _numba.dedup_partition_range(table, ids, tags, hashes, order, part_start, local,
-                                         first_pos, n_uniq, rows, lo, hi)
-            lo, hi = _claim(block, b)
-
-    return run
-
-
-def _dedup_inverse(dt, stamp):
-    @cfunc(_SIG, cache=True)
-    def run(block):
-        b = _words(block, _HEADER + 10)
-        if stamp == 0:
-            return
-        hashes, local, part_start = _vec(b, 3, np.int64), _vec(b, 5, np.int64), _vec(b, 7, np.int64)
-        global_of, inverse = _vec(b, 9, np.int64), _vec(b, 11, np.int64)
-        lo, hi = _claim(block, b)
-        while lo < hi:
-            _numba.dedup_inverse_range(hashes, local, part_start, global_of, inverse, lo, hi)
-            lo, hi = _claim(block, b)
-
-    return run
-
-
 # Argument kinds of each kernel, in order (``lo, hi`` excluded), and its trampoline factory.
 # Arrays: "i8" int64, "f8" float64, "D" the kernel's variable dtype (one per call), each
 # "…1" 1-D (address, length) or "…2" 2-D (address, rows, columns), C-contiguous.
@@ -330,10 +263,6 @@ _SPECS: dict[object, tuple[tuple[str, ...], Callable]] = {
     _numba.adam_update_range: (("i81", "i81", "i81", "D2", *_F8), _adam),
     _numba.adagrad_update_range: (("i81", "i81", "D2", "f", "f", "f"), _adagrad),
     _numba.sgd_update_range: (("i81", "i81", "D2", "f", "f", "f", "b"), _sgd),
-    _numba.dedup_hash_range: (("i81", "i81", "i81", "i82"), _dedup_hash),
-    _numba.dedup_scatter_range: (("i81", "i82", "i81"), _dedup_scatter),
-    _numba.dedup_partition_range: (("i82", *("i81",) * 9), _dedup_partition),
-    _numba.dedup_inverse_range: (("i81",) * 5, _dedup_inverse),
 }
 # dtypes a "D" array may have (those of the numba slot store, and int64 IDs for lookups)
 _DTYPES = {np.dtype(t) for t in (np.float32, np.float64, np.int64, np.int32, np.int8)}
@@ -474,9 +403,7 @@ def _encode(spec: tuple[str, ...], args: tuple, n: int, chunk: int):
                 return None
             words.append(face["data"][0])
             words.extend(shape)
-    if dt is None:  # kernels without a variable dtype
-        dt = np.dtype(np.int64)
-    if dt not in _DTYPES:
+    if dt is None or dt not in _DTYPES:
         return None
     return np.array(words, np.int64), dt
 
