@@ -172,6 +172,14 @@ def _element_offsets(widths: Tensor) -> Tensor:
 def _flatten_rows(rows_of: Sequence[Tensor], req_of_key: Tensor, positions: Sequence[Tensor],
                   dims: Sequence[int], dtype: torch.dtype, device) -> Tensor:
     """One 1-D buffer holding, for each key in buffer order, its request's row."""
+    if len(set(dims)) == 1:  # one width: a (keys, width) matrix, filled row by row
+        out = torch.empty(req_of_key.numel(), dims[0], dtype=dtype, device=device)
+        for rows, pos in zip(rows_of, positions, strict=True):
+            if len(rows_of) == 1:  # the positions are all of them, in order
+                return rows.reshape(-1).to(dtype).contiguous()
+            if pos.numel():
+                out.index_copy_(0, pos, rows.reshape(-1, dims[0]).to(dtype))
+        return out.view(-1)
     widths = torch.tensor(dims, dtype=torch.int64, device=device)[req_of_key]
     starts = _element_offsets(widths)
     out = torch.zeros(int(widths.sum()), dtype=dtype, device=device)
@@ -185,6 +193,11 @@ def _flatten_rows(rows_of: Sequence[Tensor], req_of_key: Tensor, positions: Sequ
 
 def _unflatten_rows(buffer: Tensor, req_of_key: Tensor, positions: Sequence[Tensor],
                     dims: Sequence[int]) -> list[Tensor]:
+    if len(set(dims)) == 1:
+        matrix = buffer.view(-1, dims[0])
+        if len(positions) == 1:
+            return [matrix]
+        return [matrix.index_select(0, pos) for pos in positions]
     widths = torch.tensor(dims, dtype=torch.int64, device=buffer.device)[req_of_key]
     starts = _element_offsets(widths)
     out = []
@@ -331,10 +344,11 @@ def sharded_lookup(ctx: ShardingContext, requests: Sequence[Request]) -> list[tu
             table = r.table
             with table.lookup_lock():
                 lookup = table.resolve(ids, tags, r.admit_hook, occurrences=occ)
-                rows = table.store.read("embedding", lookup.rows)
+                # one gather straight into the order the keys came in
+                rows = table.store.read("embedding", lookup.rows[lookup.inverse])
             owner_lookups.append(lookup)
             owner_inverse.append(lookup.inverse)
-            owner_rows.append(rows[lookup.inverse].reshape(pos.numel(), dims[q]))
+            owner_rows.append(rows.reshape(pos.numel(), dims[q]))
             records.append(lookup.records_grad)
         # -- 5. rows back, in the order the IDs came ---------------------------------------------
         send_back = _flatten_rows(owner_rows, recv_req, owner_positions, dims, dtype, device)
@@ -348,7 +362,7 @@ def sharded_lookup(ctx: ShardingContext, requests: Sequence[Request]) -> list[tu
         unique_rows = []
         for q, r in enumerate(requests):
             rows = torch.empty(uniq[q].numel(), dims[q], dtype=dtype, device=device)
-            rows[order[q]] = rows_sendorder[q]
+            rows.index_copy_(0, order[q], rows_sendorder[q])
             unique_rows.append(rows.view(-1, *r.table.embedding_shape))
     if any(records) and torch.is_grad_enabled():
         plan = _Plan(ctx, requests, order, send_splits, recv_splits, dims, send_req, recv_req,
