@@ -253,3 +253,35 @@ def mismatched_tables(rank: int, world: int) -> None:
     emb = DynamicEmbedding(EmbeddingOption(embedding_dim=4 if rank == 0 else 8,
                                            shared_name="t"))
     emb(torch.tensor([[1, 2, 3]]))
+
+
+def explicit_pg(rank: int, world: int, out_dir: str) -> None:
+    """A pg passed in the option is the one the table shards over (RecIS ignored it)."""
+    from recis.nn import DynamicEmbedding, EmbeddingOption
+
+    pg = dist.new_group(list(range(world)))
+    emb = DynamicEmbedding(EmbeddingOption(embedding_dim=DIM, shared_name="p", pg=pg))
+    assert emb.sharding.pg is pg and emb.sharding.world == world
+    out = emb(torch.arange(8).view(4, 2) + 100 * rank)
+    assert out.shape == (4, DIM)
+    owned = emb.hashtable.ids()
+    assert bool((emb.sharding.owner(owned) == rank).all())
+
+
+def dying_saver(rank: int, world: int, manager_dir: str) -> None:
+    """Save once, then rank 1 dies in the middle of the second save: the first checkpoint must
+    stay the latest, complete and loadable."""
+    from recis.framework.checkpoint_manager import CheckpointManager
+    from recis.serialize import checkpoint
+
+    model = make_model(0)
+    model(global_batch(0))
+    manager = CheckpointManager(model, output_dir=manager_dir)
+    manager.save(1)
+    model(global_batch(1))
+    if rank == 1:
+        def die(self, *a, **k):
+            os._exit(3)  # killed before its shard is written
+
+        checkpoint.Saver._write = die
+    manager.save(2)

@@ -147,3 +147,23 @@ def test_nccl_processes_on_gpus_train_as_one(tmp_path, one_process):
     ref_tables, ref_dense = one_process
     _assert_same(ref_tables, tables, atol=1e-4, rtol=1e-3)
     _assert_same(ref_dense, dense, atol=1e-4, rtol=1e-3)
+
+
+def test_a_pg_passed_in_the_option_is_used(tmp_path):
+    failed = run_ranks("explicit_pg", 2, (str(tmp_path),), str(tmp_path))
+    assert not failed, failed
+
+
+def test_a_rank_dying_mid_save_leaves_the_previous_checkpoint(tmp_path):
+    from recis.framework.checkpoint_manager import CheckpointManager
+    from recis.serialize import Loader
+
+    ckpt = tmp_path / "ckpt"
+    failed = run_ranks("dying_saver", 2, (str(ckpt),), str(tmp_path), timeout=120,
+                       collective_timeout=10)
+    assert 1 in failed and -1 not in failed, failed  # rank 1 died, rank 0 did not hang
+    latest = CheckpointManager(torch.nn.Module(), output_dir=str(ckpt)).latest()
+    assert latest is not None and latest.endswith("ckpt_000000001")
+    assert sorted(os.listdir(ckpt)) in (["ckpt_000000001", "latest"],
+                                        [".ckpt_000000002.partial", "ckpt_000000001", "latest"])
+    Loader(latest, {}, strict=False).load()  # complete and checked
