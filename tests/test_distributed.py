@@ -167,3 +167,16 @@ def test_a_rank_dying_mid_save_leaves_the_previous_checkpoint(tmp_path):
     assert sorted(os.listdir(ckpt)) in (["ckpt_000000001", "latest"],
                                         [".ckpt_000000002.partial", "ckpt_000000001", "latest"])
     Loader(latest, {}, strict=False).load()  # complete and checked
+
+
+CRITEO = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "criteo-sample")
+
+
+@pytest.mark.skipif(not os.path.isdir(CRITEO), reason="../shared/data/criteo-sample is absent")
+def test_the_main_job_on_files_under_torchrun_matches_one_process(tmp_path):
+    files = ["--data", os.path.join(CRITEO, "part-0.orc"),
+             "--eval-data", os.path.join(CRITEO, "part-5.orc")]
+    one, two = _main_job(tmp_path, 1, files), _main_job(tmp_path, 2, files)
+    assert two["processes"] == 2 and two["train_examples"] == one["train_examples"] > 0
+    assert two["live_ids"] == one["live_ids"]
+    assert abs(two["eval_auc"] - one["eval_auc"]) < 1e-5
