@@ -39,12 +39,10 @@ from recis.optim import SparseAdagrad, SparseAdam, SparseAdamW, SparseSGD
 
 logger = logging.getLogger("recis.examples.deepfm")
 
-_SPARSE_OPTIMIZERS = {
-    "adamw": (SparseAdamW, {"lr": 1e-3, "weight_decay": 0.0}),
-    "adam": (SparseAdam, {"lr": 1e-3}),
-    "adagrad": (SparseAdagrad, {"lr": 0.05}),
-    "sgd": (SparseSGD, {"lr": 0.5}),
-}
+_SPARSE_OPTIMIZERS = {"adamw": SparseAdamW, "adam": SparseAdam, "adagrad": SparseAdagrad,
+                      "sgd": SparseSGD}
+#: Learning rate of an optimizer chosen with --optimizer but no --lr (other than the source's).
+_OPTIMIZER_LR = {"adamw": 1e-3, "adam": 1e-3, "adagrad": 0.05, "sgd": 0.5}
 
 
 class HoldOut:
@@ -155,6 +153,26 @@ def plot(history: list[dict[str, Any]], labels: dict[str, str], path: str) -> bo
     return True
 
 
+#: Defaults of the options that depend on the data source: the synthetic stream (many steps,
+#: IDs that keep arriving) and files in the Criteo layout (a small, skewed click log).
+#: ``--data`` alone uses the "files" column, so that it is as good as a tuned command.
+SOURCE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "synthetic": {"batch_size": 1024, "dim": 16, "optimizer": "adamw", "lr": 1e-3,
+                  "weight_decay": 0.0, "min_count": 1, "filter_step": 200,
+                  "hidden": "256,128", "dropout": 0.0, "dense_lr": 1e-3, "epochs": 1},
+    "files": {"batch_size": 256, "dim": 16, "optimizer": "adamw", "lr": 3e-3,
+              "weight_decay": 0.0, "min_count": 1, "filter_step": 200,
+              "hidden": "256,128", "dropout": 0.0, "dense_lr": 1e-3, "epochs": 1},
+}
+
+
+def _by_source(name: str) -> str:
+    synthetic, files = SOURCE_DEFAULTS["synthetic"][name], SOURCE_DEFAULTS["files"][name]
+    if synthetic == files:
+        return f"default {synthetic}"
+    return f"default {synthetic} on the synthetic stream, {files} with --data"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m recis.examples.deepfm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,49 +180,78 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training files in the Criteo layout (default: synthetic stream)")
     p.add_argument("--eval-data", nargs="+", metavar="FILE",
                    help="evaluation files (default: every 10th batch of --data held out)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over --data (default 1)")
+    p.add_argument("--epochs", type=int, help=f"passes over --data ({_by_source('epochs')})")
     p.add_argument("--steps", type=int, default=None,
-                   help="stop after this many batches (synthetic default: 400)")
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--dim", type=int, default=16, help="embedding width")
-    p.add_argument("--filter-step", type=int, default=200,
-                   help="remove IDs unseen for this many steps (0: no filter)")
-    p.add_argument("--filter-interval", type=int, default=50, help="steps between filter runs")
-    p.add_argument("--min-count", type=int, default=1,
-                   help="admit an ID into the tables after this many occurrences (default 1)")
-    p.add_argument("--optimizer", choices=sorted(_SPARSE_OPTIMIZERS), default="adamw",
-                   help="sparse optimizer of the tables")
-    p.add_argument("--lr", type=float, default=None, help="sparse learning rate")
-    p.add_argument("--weight-decay", type=float, default=None,
-                   help="weight decay of the table rows (L2 for adam/adagrad/sgd)")
-    p.add_argument("--hidden", default="256,128",
-                   help="DNN widths, comma-separated; empty for FM only (default 256,128)")
-    p.add_argument("--dropout", type=float, default=0.0, help="DNN dropout")
-    p.add_argument("--dense-lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps")
+                   help="stop after this many batches (default: 400 on the synthetic stream, "
+                        "every batch of --epochs passes with --data)")
+    p.add_argument("--batch-size", type=int,
+                   help=f"global batch, split over processes ({_by_source('batch_size')})")
+    p.add_argument("--dim", type=int, help=f"embedding width ({_by_source('dim')})")
+    p.add_argument("--filter-step", type=int,
+                   help="remove IDs unseen for this many steps, 0 for no filter "
+                        f"({_by_source('filter_step')})")
+    p.add_argument("--filter-interval", type=int, default=50,
+                   help="steps between filter runs (default 50)")
+    p.add_argument("--min-count", type=int,
+                   help="admit an ID into the tables after this many occurrences "
+                        f"({_by_source('min_count')})")
+    p.add_argument("--optimizer", choices=sorted(_SPARSE_OPTIMIZERS),
+                   help=f"sparse optimizer of the tables ({_by_source('optimizer')})")
+    p.add_argument("--lr", type=float,
+                   help=f"sparse learning rate ({_by_source('lr')}; with another --optimizer: "
+                        + ", ".join(f"{k} {v}" for k, v in _OPTIMIZER_LR.items()) + ")")
+    p.add_argument("--weight-decay", type=float,
+                   help="weight decay of the table rows, L2 for adam/adagrad/sgd "
+                        f"({_by_source('weight_decay')})")
+    p.add_argument("--hidden",
+                   help="DNN widths, comma-separated; empty for FM only "
+                        f"({_by_source('hidden')})")
+    p.add_argument("--dropout", type=float, help=f"DNN dropout ({_by_source('dropout')})")
+    p.add_argument("--dense-lr", type=float,
+                   help=f"learning rate of the dense layers ({_by_source('dense_lr')})")
+    p.add_argument("--eval-every", type=int, default=100,
+                   help="evaluate every N steps (default 100)")
     p.add_argument("--eval-batches", type=int, default=20,
-                   help="synthetic evaluation batches (default 20)")
+                   help="synthetic: evaluation batches (default 20)")
     p.add_argument("--drift", type=float, default=0.5,
-                   help="synthetic: share of each field's IDs replaced per 1000 batches")
-    p.add_argument("--vocab", type=int, default=100_000, help="synthetic: active IDs per field")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="deepfm_output", help="directory for metrics and plot")
+                   help="synthetic: share of each field's IDs replaced per 1000 batches "
+                        "(default 0.5)")
+    p.add_argument("--vocab", type=int, default=100_000,
+                   help="synthetic: active IDs per field (default 100000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order and initial values "
+                                                       "(default 0)")
+    p.add_argument("--output", default="deepfm_output",
+                   help="directory for metrics and plot (default deepfm_output)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    args.source = "files" if args.data else "synthetic"
+    defaults = SOURCE_DEFAULTS[args.source]
+    if args.lr is None and args.optimizer not in (None, defaults["optimizer"]):
+        args.lr = _OPTIMIZER_LR[args.optimizer]
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("epochs", "batch_size", "dim", "filter_interval", "eval_every", "min_count",
                  "eval_batches", "vocab"):
         if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0")
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.steps is not None and args.steps <= 0:
-        p.error("--steps must be > 0")
+        p.error(f"--steps must be > 0, got {args.steps}")
     if args.filter_step < 0:
-        p.error("--filter-step must be >= 0")
+        p.error(f"--filter-step must be >= 0, got {args.filter_step}")
+    for name in ("lr", "dense_lr"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not args.weight_decay >= 0:
+        p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     try:
         args.hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
     except ValueError:
         p.error(f"--hidden must be comma-separated ints, got {args.hidden!r}")
-    if any(h <= 0 for h in args.hidden) or not 0 <= args.dropout < 1:
-        p.error("--hidden widths must be > 0 and --dropout in [0, 1)")
+    if any(h <= 0 for h in args.hidden):
+        p.error(f"--hidden widths must be > 0, got {args.hidden}")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     return args
 
 
@@ -220,13 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = DeepFM(fields, num_dense, dim=args.dim, hidden=args.hidden,
                    filter_step=args.filter_step or None, seed=args.seed, dropout=args.dropout,
                    min_count=args.min_count)
-    cls, defaults = _SPARSE_OPTIMIZERS[args.optimizer]
-    sparse_kwargs = dict(defaults)
-    if args.lr is not None:
-        sparse_kwargs["lr"] = args.lr
-    if args.weight_decay is not None:
-        sparse_kwargs["weight_decay"] = args.weight_decay
-    sparse_opt = cls(filter_out_sparse_param(model), **sparse_kwargs)
+    cls = _SPARSE_OPTIMIZERS[args.optimizer]
+    sparse_opt = cls(filter_out_sparse_param(model), lr=args.lr, weight_decay=args.weight_decay)
     dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
     hooks = [HashTableFilterHook(args.filter_interval, tables=[model])] if args.filter_step else []
     training = TrainingArguments(
