@@ -28,15 +28,21 @@ def test_synthetic_run_writes_metrics_and_plot(tmp_path, capsys):
         assert table["admitted"] == table["live"] + table["removed"]
     assert any(t["removed"] > 0 for t in saved["tables"].values())  # the filter ran
     evals = [h for h in saved["history"] if "eval_auc" in h]
-    assert [h["step"] for h in evals] == [20, 40, 40]
+    assert [h["step"] for h in evals] == [20, 40]  # the final evaluation is not repeated
     pytest.importorskip("matplotlib")
     assert (tmp_path / "training.png").stat().st_size > 10_000
 
 
-def test_bad_arguments_exit_with_a_message():
-    for args in (["--steps", "0"], ["--optimizer", "lbfgs"], ["--data", "/nonexistent/*.orc"]):
-        with pytest.raises(SystemExit):
+def test_bad_arguments_exit_with_a_message(capsys):
+    for args in (["--steps", "0"], ["--optimizer", "lbfgs"]):  # argparse: SystemExit(2)
+        with pytest.raises(SystemExit) as stop:
             deepfm.main(args + ["--no-progress"])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "error:" in err, err
+    assert deepfm.run(["--data", "/nonexistent/*.orc", "--no-progress"]) == 2  # a bad file
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no file matches" in err, err
 
 
 @pytest.mark.skipif(not CRITEO.is_dir(), reason="../shared/data/criteo-sample not present")

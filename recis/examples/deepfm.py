@@ -32,6 +32,7 @@ import torch
 
 from recis.examples.deepfm_model import DeepFM
 from recis.framework import Trainer, TrainingArguments
+from recis.framework.trainer import TrainingInterrupted, table_label
 from recis.hooks.filter_hook import HashTableFilterHook
 from recis.nn import HashTable
 from recis.nn.modules.hashtable import filter_out_sparse_param
@@ -56,13 +57,17 @@ class HoldOut:
             if (i % self.every == self.every - 1) == self.take:
                 yield batch
 
+    def __len__(self) -> int:
+        held_out = len(self.dataset) // self.every  # type: ignore[arg-type]
+        return held_out if self.take else len(self.dataset) - held_out  # type: ignore[arg-type]
+
 
 def _files(patterns: list[str]) -> list[str]:
     out: list[str] = []
     for p in patterns:
         matches = sorted(glob.glob(p))
         if not matches:
-            raise SystemExit(f"--data/--eval-data: no file matches {p!r}")
+            raise ValueError(f"--data/--eval-data: no file matches {p!r}")
         out += matches
     return out
 
@@ -81,11 +86,16 @@ def build_data(args: argparse.Namespace) -> tuple[Iterable, Iterable, list[str],
 
         files = _files(args.data)
         _, dense, sparse = criteo_columns()
-        train = criteo_dataset(files, args.batch_size, shuffle=True, seed=args.seed, **one)
+        columns = None
+        if args.columns:
+            columns = ("criteo" if args.columns == "criteo" else
+                       [c.strip() for c in args.columns.split(",")])
+        read = {**one, "columns": columns}
+        train = criteo_dataset(files, args.batch_size, shuffle=True, seed=args.seed, **read)
         if args.eval_data:
-            evaluation = criteo_dataset(_files(args.eval_data), args.batch_size, **one)
+            evaluation = criteo_dataset(_files(args.eval_data), args.batch_size, **read)
         else:  # hold out every 10th batch of the training files
-            evaluation = HoldOut(criteo_dataset(files, args.batch_size, **one), 10, take=True)
+            evaluation = HoldOut(criteo_dataset(files, args.batch_size, **read), 10, take=True)
             train = HoldOut(train, 10, take=False)
         return RankSlice(train), RankSlice(evaluation), sparse, len(dense), f"files {files}"
     from recis.datasets import SyntheticClickStream
@@ -111,20 +121,10 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def table_labels(model: DeepFM) -> dict[str, str]:
-    """Readable names of the physical tables: their width and their logical tables."""
-    labels = {}
-    for module in model.modules():
-        if isinstance(module, HashTable):
-            kids = module.children_hashtable
-            shown = ", ".join(kids[:3]) + (", ..." if len(kids) > 3 else "")
-            labels[module.name] = f"dim {module.embedding_shape[0]} ({shown})"
-    return labels
-
-
-def plot(history: list[dict[str, Any]], labels: dict[str, str], path: str) -> bool:
+def plot(history: list[dict[str, Any]], path: str) -> bool:
     """Loss, eval AUC and live IDs per table over the steps, as a PNG. False without
-    matplotlib (install the ``plot`` extra)."""
+    matplotlib (install the ``plot`` extra). Tables get distinct line styles and markers, so
+    that tables with equal counts stay visible."""
     try:
         import matplotlib
 
@@ -140,9 +140,14 @@ def plot(history: list[dict[str, Any]], labels: dict[str, str], path: str) -> bo
     axes[0].set(title="training loss", xlabel="step", ylabel="log-loss")
     axes[1].plot([h["step"] for h in evals], [h["eval_auc"] for h in evals], marker="o")
     axes[1].set(title="evaluation AUC", xlabel="step", ylabel="AUC")
-    for name, label in labels.items():
-        axes[2].plot([h["step"] for h in train], [h["tables"].get(name, 0) for h in train],
-                     label=label)
+    labels = sorted({name for h in train for name in h["tables"]})
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "x", "d", "v"]
+    for i, label in enumerate(labels):
+        axes[2].plot([h["step"] for h in train], [h["tables"].get(label, 0) for h in train],
+                     label=label, linestyle=styles[i % len(styles)],
+                     marker=markers[i % len(markers)], markevery=max(len(train) // 8, 1),
+                     linewidth=2.5 - 1.5 * i / max(len(labels) - 1, 1))
     axes[2].set(title="live IDs per table", xlabel="step", ylabel="IDs")
     axes[2].legend(fontsize="small")
     for ax in axes:
@@ -173,9 +178,16 @@ def _by_source(name: str) -> str:
     return f"default {synthetic} on the synthetic stream, {files} with --data"
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported in one line (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m recis.examples.deepfm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _OneLineParser(prog="python -m recis.examples.deepfm", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", metavar="FILE",
                    help="training files in the Criteo layout (default: synthetic stream)")
     p.add_argument("--eval-data", nargs="+", metavar="FILE",
@@ -222,6 +234,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                        "(default 0)")
     p.add_argument("--output", default="deepfm_output",
                    help="directory for metrics and plot (default deepfm_output)")
+    p.add_argument("--columns", metavar="NAMES",
+                   help="CSV/TSV files without a header line: their column names in order, "
+                        "comma-separated, or 'criteo' for label,i1..i13,c1..c26 (files with a "
+                        "header, ORC and Parquet are read by column name)")
+    p.add_argument("--save-steps", type=int, default=None,
+                   help="save a checkpoint every N steps into OUTPUT/checkpoints and resume "
+                        "from it when run again (default: no checkpoints)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's results in --output")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="write TensorBoard scalars to OUTPUT/tensorboard (needs the "
+                        "tensorboard package: pip install 'recis[tensorboard]')")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.source = "files" if args.data else "synthetic"
@@ -235,8 +259,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "eval_batches", "vocab"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.steps is not None and args.steps <= 0:
-        p.error(f"--steps must be > 0, got {args.steps}")
+    for name in ("steps", "save_steps"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if args.columns is not None and not args.data:
+        p.error("--columns applies to --data files")
     if args.filter_step < 0:
         p.error(f"--filter-step must be >= 0, got {args.filter_step}")
     for name in ("lr", "dense_lr"):
@@ -255,13 +283,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse to overwrite an earlier run's results in ``--output`` (unless ``--overwrite``,
+    or ``--save-steps`` with a checkpoint there: that run is resumed)."""
+    from recis.framework.checkpoint_manager import CheckpointManager
+
+    if args.overwrite or not os.path.exists(os.path.join(args.output, "metrics.json")):
+        return
+    checkpoints = os.path.join(args.output, "checkpoints")
+    if args.save_steps and CheckpointManager(torch.nn.Module(), output_dir=checkpoints).latest():
+        return
+    raise ValueError(f"--output {args.output!r} holds an earlier run (metrics.json); pass "
+                     "--overwrite to replace it, or another --output")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the job; returns the result dict (also printed as a JSON line by rank 0). Raises
+    :class:`~recis.framework.trainer.TrainingInterrupted` after a Ctrl-C (see :func:`run`)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rank, world = init_distributed()
     if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of "
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
                          f"processes ({world})")
+    if rank == 0:
+        _check_output(args)
     torch.manual_seed(args.seed)
     train, evaluation, fields, num_dense, source = build_data(args)
     model = DeepFM(fields, num_dense, dim=args.dim, hidden=args.hidden,
@@ -272,17 +318,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
     hooks = [HashTableFilterHook(args.filter_interval, tables=[model])] if args.filter_step else []
     training = TrainingArguments(
-        output_dir=args.output, train_steps=args.steps if args.data else (args.steps or 400),
+        output_dir=os.path.join(args.output, "checkpoints"), save_steps=args.save_steps,
+        train_steps=args.steps if args.data else (args.steps or 400),
         train_epoch=args.epochs, eval_steps=args.eval_every, log_steps=10,
         progress_bar=not args.no_progress,
+        tensorboard_dir=os.path.join(args.output, "tensorboard") if args.tensorboard else None,
     )
     trainer = Trainer(model, training, train, evaluation, hooks=hooks,
                       dense_optimizers=(dense_opt, None), sparse_optimizer=sparse_opt)
     start = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    except TrainingInterrupted:
+        if rank == 0:
+            _write_metrics(args, {"interrupted_at_step": trainer.global_step,
+                                  "history": trainer.history})
+        raise
     train_seconds = time.perf_counter() - start
-    final = trainer.evaluate()
-    labels = table_labels(model)
+    evals = [h for h in trainer.history if "eval_loss" in h]
+    if evals and evals[-1]["step"] == trainer.global_step:
+        final = evals[-1]  # the last step was just evaluated
+    else:
+        final = trainer.evaluate()
+    if "eval_auc" not in final and rank == 0:
+        where = ("--eval-data" if args.eval_data else
+                 "the held-out split (every 10th batch of --data)" if args.data else
+                 "--eval-batches")
+        logger.warning("no evaluation: %s gave no batch; pass --eval-data FILES, or a smaller "
+                       "--batch-size so that every 10th of --data's batches can be held out",
+                       where)
     tables = {}
     for module in model.modules():
         if isinstance(module, HashTable):
@@ -292,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stats = dict(zip(module.stats(), totals, strict=False))
             stats["logical_tables"] = dict(zip(module.children_hashtable,
                                                totals[len(module.stats()):], strict=True))
-            tables[labels[module.name]] = stats
+            tables[table_label(module)] = stats
     examples = int(trainer._sum(trainer.examples_seen)[0])
     result = {
         "eval_auc": final.get("eval_auc"),
@@ -307,21 +371,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tables": tables,
     }
     if rank == 0:
-        os.makedirs(args.output, exist_ok=True)
-        with open(os.path.join(args.output, "metrics.json"), "w") as f:
-            json.dump({**result, "history": trainer.history}, f, indent=2)
-        plot(trainer.history, labels, os.path.join(args.output, "training.png"))
+        _write_metrics(args, {**result, "history": trainer.history})
+        plot(trainer.history, os.path.join(args.output, "training.png"))
         summary = {k: v for k, v in result.items() if k != "tables"}
         summary["live_ids"] = {k: v["live"] for k, v in tables.items()}
         print(json.dumps(summary), flush=True)
     return result
 
 
-if __name__ == "__main__":
+def _write_metrics(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "metrics.json"), "w") as f:
+        json.dump(record, f, indent=2)
+
+
+#: Errors that a bad argument, file or environment causes: reported in one line.
+_USER_ERRORS = (ValueError, TypeError, OSError, ImportError, RuntimeError)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The command line: :func:`main`, with every user error reported in one line on stderr
+    (exit 2; set ``RECIS_TRACEBACK=1`` for the traceback) and Ctrl-C stopping at the next
+    step boundary, saving a checkpoint with ``--save-steps``, saying where things are in one
+    line (exit 130)."""
+    prog = "python -m recis.examples.deepfm"
+    rank = int(os.environ.get("RANK", "0"))
     try:
-        main(sys.argv[1:])
+        main(argv)
+        return 0
+    except TrainingInterrupted as stop:
+        if rank == 0:
+            output = argv_output(argv)
+            saved = (f"checkpoint {stop.checkpoint} saved (run the same command to resume)"
+                     if stop.checkpoint else "no checkpoint (pass --save-steps N to resume "
+                     "later)")
+            print(f"{prog}: interrupted at step {stop.step}: {saved}; metrics so far in "
+                  f"{os.path.join(output, 'metrics.json')}", file=sys.stderr, flush=True)
+        return 130
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"{prog}: interrupted before training started or during an evaluation; "
+                  "nothing saved", file=sys.stderr, flush=True)
+        return 130
+    except _USER_ERRORS as err:
+        if os.environ.get("RECIS_TRACEBACK"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        if not isinstance(err, (ValueError, OSError)):  # maybe not the user's: say how to see
+            message += f" ({type(err).__name__}; RECIS_TRACEBACK=1 shows the traceback)"
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        return 2
     finally:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def argv_output(argv: list[str] | None) -> str:
+    """The ``--output`` of a command line (for messages after :func:`main` has stopped)."""
+    try:
+        return parse_args(argv).output
+    except SystemExit:
+        return "deepfm_output"
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

@@ -35,7 +35,28 @@ from recis.utils.logger import Logger
 
 logger = Logger(__name__)
 
-__all__ = ["Trainer", "TrainingArguments"]
+__all__ = ["Trainer", "TrainingArguments", "TrainingInterrupted", "table_label"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised by :meth:`Trainer.train` after a Ctrl-C (SIGINT) stopped it at a step boundary.
+
+    Attributes:
+        step (int): the global step training stopped at (steps done).
+        checkpoint (str or None): the checkpoint saved on the way out (with ``save_steps``).
+    """
+
+    def __init__(self, step: int, checkpoint: str | None):
+        super().__init__(f"training interrupted at step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def table_label(table: HashTable) -> str:
+    """A readable name of a physical table: its width and (up to 3 of) its logical tables,
+    e.g. ``"dim 16 (c1, c2, c3, ...)"``."""
+    kids = table.children_hashtable
+    shown = ", ".join(kids[:3]) + (", ..." if len(kids) > 3 else "")
+    return f"dim {table.embedding_shape[0]} ({shown})"
 
 
 @dataclass
@@ -61,6 +82,8 @@ class TrainingArguments:
     progress_bar: bool = True  # tqdm bar with loss and examples/s
     resume: bool = True  # with save_steps: continue from output_dir's latest checkpoint
     incremental_every: int = 0  # every save but one in N is incremental (0: always full)
+    tensorboard_dir: str | None = None  # write history records as TensorBoard scalars here
+    # (rank 0; needs the ``tensorboard`` package: pip install "recis[tensorboard]")
 
     def __post_init__(self):
         for name in ("gradient_accumulation_steps", "log_steps", "train_epoch"):
@@ -143,10 +166,17 @@ class Trainer:
     collective), logged losses and evaluation metrics are over all ranks, and only rank 0
     shows the progress bar.
 
+    Ctrl-C (SIGINT in the main thread) stops training at the next step boundary (every rank
+    at the same one): with ``save_steps`` a checkpoint of that step is saved, then
+    :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) is raised, carrying the step and the
+    checkpoint. A second Ctrl-C interrupts at once.
+
     Attributes:
         history (list[dict]): one record per logged step and per evaluation: ``step``,
-            ``loss``, ``examples_per_second``, ``tables`` (live IDs per table), and
-            ``eval_auc``/``eval_logloss``/``eval_loss`` after evaluations.
+            ``loss``, ``examples_per_second``, ``tables`` (live IDs per table, by
+            :func:`table_label`), and ``eval_auc``/``eval_logloss``/``eval_loss`` after
+            evaluations. With ``args.tensorboard_dir`` every record is also written as
+            TensorBoard scalars (``train/loss``, ``eval/auc``, ``tables/<label>``, ...).
     """
 
     def __init__(
@@ -189,6 +219,15 @@ class Trainer:
                 max_keep=self.args.max_to_keep, incremental_every=self.args.incremental_every)
         self.checkpoint_manager = checkpoint_manager
         self.history: list[dict[str, Any]] = []
+        self._interrupted = False
+        self._writer = None
+        if self.args.tensorboard_dir and self.rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("TrainingArguments.tensorboard_dir needs the tensorboard "
+                                  'package: pip install "recis[tensorboard]"') from None
+            self._writer = SummaryWriter(self.args.tensorboard_dir)
 
     # -- distributed -------------------------------------------------------------------------
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -221,8 +260,9 @@ class Trainer:
 
     # -- helpers -----------------------------------------------------------------------------
     def table_sizes(self) -> dict[str, int]:
-        """Live IDs per table of the model."""
-        return {m.name: len(m) for m in self.model.modules() if isinstance(m, HashTable)}
+        """Live IDs per table of the model (this rank's shard), by :func:`table_label`."""
+        return {table_label(m): len(m) for m in self.model.modules()
+                if isinstance(m, HashTable)}
 
     def _local_batches(self) -> Iterable:
         if self.train_dataset is None:
@@ -244,13 +284,61 @@ class Trainer:
                 yield from self.train_dataset
 
     def _batches(self) -> Iterable:
-        """This rank's batches, as long as every rank has one."""
+        """This rank's batches, as long as every rank has one and none was interrupted."""
         it = iter(self._local_batches())
         while True:
-            batch = next(it, None)
+            batch = None if self._interrupted else next(it, None)
             if not self._all_have(batch is not None):
+                if batch is not None:  # another rank was interrupted: stop with it
+                    self._interrupted = True
                 return
             yield batch
+
+    def planned_steps(self) -> int | None:
+        """Batches :meth:`train` will run: ``train_steps``, else ``train_epoch`` times the
+        dataset's length when it has one (ORC/Parquet footers give it), else None."""
+        if self.args.train_steps is not None:
+            return self.args.train_steps
+        try:
+            return self.args.train_epoch * len(self.train_dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
+    @contextlib.contextmanager
+    def _stop_on_sigint(self):
+        """Turn the first Ctrl-C into a stop at the next step boundary."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def request_stop(signum, frame):
+            self._interrupted = True
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C interrupts at once
+
+        signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        """Append a history record (and write it to TensorBoard)."""
+        self.history.append(entry)
+        if self._writer is None:
+            return
+        step = entry["step"]
+        for key, value in entry.items():
+            if key == "tables":
+                for name, count in value.items():
+                    self._writer.add_scalar(f"tables/{name}", count, step)
+            elif key != "step" and isinstance(value, (int, float)):
+                tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                self._writer.add_scalar(tag, value, step)
+        self._writer.flush()
 
     def _dense_step(self) -> None:
         n = self.args.gradient_accumulation_steps
@@ -290,8 +378,18 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
-        """Run the loop; returns :attr:`history`."""
+        """Run the loop; returns :attr:`history`. Raises :class:`TrainingInterrupted` after a
+        Ctrl-C (see the class docstring)."""
+        self._interrupted = False
+        with self._stop_on_sigint():
+            history = self._train()
+        if self._interrupted:
+            raise TrainingInterrupted(self.global_step, self._saved_on_stop)
+        return history
+
+    def _train(self) -> list[dict[str, Any]]:
         args = self.args
+        self._saved_on_stop = None
         n_acc = args.gradient_accumulation_steps
         skip = self._resume()
         for hook in self.hooks:
@@ -300,7 +398,8 @@ class Trainer:
         if args.progress_bar and self.rank == 0:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=args.train_steps, desc="train", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=self.planned_steps(), desc="train", unit="step",
+                       dynamic_ncols=True)
         self.model.train()
         window_loss, window_examples, window_start = 0.0, 0, time.perf_counter()
         window_steps = 0
@@ -344,7 +443,7 @@ class Trainer:
             self.global_step += 1
             if self.global_step % args.log_steps == 0:
                 loss_sum, examples_sum = self._sum(window_loss, window_examples)
-                self.history.append({
+                self._record({
                     "step": self.global_step,
                     "loss": loss_sum / (window_steps * self.world),
                     "examples_per_second": examples_sum / elapsed,
@@ -366,10 +465,12 @@ class Trainer:
             self.global_step % manager.save_interval
         ):
             self.save_checkpoint()  # the final state, unless the last step just saved it
+        if manager is not None and self._interrupted:
+            self._saved_on_stop = manager.latest()
         if window_steps:
             elapsed = max(time.perf_counter() - window_start, 1e-9)
             loss_sum, examples_sum = self._sum(window_loss, window_examples)
-            self.history.append({
+            self._record({
                 "step": self.global_step, "loss": loss_sum / (window_steps * self.world),
                 "examples_per_second": examples_sum / elapsed, "tables": self.table_sizes(),
             })
@@ -380,7 +481,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, eval_dataset: Iterable | None = None) -> dict[str, float]:
-        """Mean loss, and AUC / log-loss when the model returns ``preds`` and ``labels``."""
+        """Mean loss, and AUC / log-loss when the model returns ``preds`` and ``labels``;
+        ``{}`` (with a warning) when the evaluation data gives no batch."""
         from recis.metrics import AUROC
 
         data = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -412,11 +514,14 @@ class Trainer:
         self.model.train(was_training)
         total_loss, batches, logloss_sum, count = self._sum(total_loss, batches, logloss_sum,
                                                             count)
-        metrics: dict[str, float] = {"eval_loss": total_loss / max(batches, 1)}
+        if not batches:
+            logger.warning("evaluate: the evaluation data gave no batch; no metrics")
+            return {}
+        metrics: dict[str, float] = {"eval_loss": total_loss / batches}
         if count:
             metrics["eval_auc"] = float(auc.compute())  # gathers every rank's predictions
             metrics["eval_logloss"] = logloss_sum / count
-        self.history.append({"step": self.global_step, **metrics, "tables": self.table_sizes()})
+        self._record({"step": self.global_step, **metrics, "tables": self.table_sizes()})
         for hook in self.hooks:
             hook.after_evaluate(metrics)
         return metrics

@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from recis.io.readers import FORMATS, FileDataset, _expand_paths
+from recis.io.readers import FileDataset, _expand_paths, infer_format
 from recis.ragged.tensor import RaggedTensor
 
-__all__ = ["criteo_columns", "criteo_batch_to_features", "criteo_dataset"]
+__all__ = ["criteo_columns", "criteo_batch_to_features", "criteo_dataset",
+           "CRITEO_TEXT_COLUMNS"]
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +21,9 @@ _LABEL = "label"
 _DENSE = tuple(f"i{i}" for i in range(1, 14))
 _SPARSE = tuple(f"c{i}" for i in range(1, 27))
 _SPARSE_FORMATS = ("ragged", "dense")
+#: Column order of Criteo's own header-less text files (``train.txt``, day_0 ... day_23):
+#: ``criteo_dataset(files, batch_size, columns=CRITEO_TEXT_COLUMNS)``.
+CRITEO_TEXT_COLUMNS = [_LABEL, *_DENSE, *_SPARSE]
 
 
 def criteo_columns() -> tuple[str, list[str], list[str]]:
@@ -158,21 +161,29 @@ def criteo_dataset(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     batch_size: int,
     *,
+    columns: Sequence[str] | None = None,
     sparse_format: str = "ragged",
     missing_id: int = 0,
     **kwargs: Any,
 ) -> FileDataset:
     r"""A :class:`~recis.io.FileDataset` over Criteo files that yields model-ready batches.
 
-    Reads the columns of :func:`criteo_columns` and applies :func:`criteo_batch_to_features`.
-    Works for ORC/Parquet files whose columns are lists of 0 or 1 values (as the RecIS sample
-    data) or scalars, and for the raw Criteo text files (tab-separated ``.txt``/``.tsv``
-    without header, hexadecimal categorical values that are hashed to IDs): for text files
-    the column names default to ``label, i1..i13, c1..c26`` in that order.
+    Every format is read **by column name**, never by position: ORC and Parquet files by their
+    schema's names, CSV/TSV files by their header line (which is not data). Columns may be in
+    any order and other columns are ignored. A CSV/TSV file without a header line (such as
+    Criteo's own ``train.txt``: tab-separated, hexadecimal categoricals hashed to IDs) needs
+    ``columns``: the names of its columns in file order, e.g. :data:`CRITEO_TEXT_COLUMNS`.
+    A file that lacks one of the columns of :func:`criteo_columns` is a ``ValueError`` naming
+    the file, the missing columns and the expected ones. ORC/Parquet with list columns of 0
+    or 1 values (as the RecIS sample data) or scalars both work.
 
     Args:
         paths (str, PathLike or sequence of them): the files, as for FileDataset.
         batch_size (int): rows per batch.
+        columns (sequence of str or "criteo", optional): CSV/TSV files without a header
+            only: the names of their columns, in order (every line is then data); must
+            include the columns of :func:`criteo_columns`. ``"criteo"`` stands for
+            :data:`CRITEO_TEXT_COLUMNS`.
         sparse_format (str): ``"ragged"`` or ``"dense"``, see
             :func:`criteo_batch_to_features`. Default: ``"ragged"``.
         missing_id (int): ID of a missing categorical value when dense. Default: ``0``.
@@ -186,9 +197,10 @@ def criteo_dataset(
         >>> ds = criteo_dataset("../shared/data/criteo-sample/part-*.orc", batch_size=4096)
         >>> sorted(next(iter(ds)))[:3]
         ['c1', 'c10', 'c11']
+        >>> raw = criteo_dataset("day_0.txt", 4096, columns=CRITEO_TEXT_COLUMNS)
     """
     where = "criteo_dataset"
-    for key in ("columns", "dense_columns", "ragged_columns", "transform"):
+    for key in ("dense_columns", "ragged_columns", "transform", "column_names"):
         if key in kwargs:
             raise TypeError(f"{where}: {key} is set by criteo_dataset and cannot be passed")
     if sparse_format not in _SPARSE_FORMATS:
@@ -197,32 +209,82 @@ def criteo_dataset(
         )
     if "fill_missing" in kwargs:
         raise TypeError(f"{where}: fill_missing is set by criteo_dataset; use missing_id")
-    columns = [_LABEL, *_DENSE, *_SPARSE]
-    if "column_names" not in kwargs and _is_text(paths, kwargs.get("format")):
-        kwargs["column_names"] = columns  # raw Criteo text files have no header
+    expected = [_LABEL, *_DENSE, *_SPARSE]
+    files = _expand_paths(paths, where)
+    formats = [kwargs.get("format") or infer_format(f) for f in files]
+    text = [f for f, fmt in zip(files, formats, strict=True) if fmt in ("csv", "tsv")]
+    if columns == "criteo":
+        columns = CRITEO_TEXT_COLUMNS
+    if columns is not None:
+        if isinstance(columns, str) or not isinstance(columns, Sequence) or \
+                not all(isinstance(c, str) for c in columns):
+            raise TypeError(f"{where}: columns must be a list of column names or 'criteo', "
+                            f"got {columns!r}")
+        if len(text) != len(files):
+            raise ValueError(f"{where}: columns names the columns of header-less CSV/TSV "
+                             "files; ORC and Parquet files carry their own names")
+        _check_names(list(columns), expected, "columns", where)
+        kwargs["column_names"] = list(columns)
+    else:
+        for path, fmt in zip(files, formats, strict=True):
+            if fmt in ("csv", "tsv"):
+                _check_header(path, fmt, kwargs.get("delimiter"), expected, where)
     if sparse_format == "dense":
         dense, ragged = [_LABEL, *_DENSE, *_SPARSE], []
         fills: dict[str, Any] | None = dict.fromkeys(_SPARSE, missing_id)
     else:
         dense, ragged, fills = [_LABEL, *_DENSE], list(_SPARSE), None
     # dense_columns/ragged_columns are no-ops for columns that already have that layout.
-    return FileDataset(
-        paths,
-        batch_size,
-        columns=columns,
-        dense_columns=dense,
-        ragged_columns=ragged,
-        fill_missing=fills,
-        transform=_CriteoTransform(sparse_format, missing_id),
-        **kwargs,
-    )
-
-
-def _is_text(paths: Any, fmt: str | None) -> bool:
-    if fmt is not None:
-        return fmt in ("csv", "tsv")
     try:
-        files = _expand_paths(paths, "criteo_dataset")
-    except (TypeError, ValueError, OSError):
-        return False  # FileDataset reports the bad argument
-    return any(FORMATS.get(Path(f).suffix.lower()) in ("csv", "tsv") for f in files)
+        return FileDataset(
+            files,
+            batch_size,
+            columns=expected,
+            dense_columns=dense,
+            ragged_columns=ragged,
+            fill_missing=fills,
+            transform=_CriteoTransform(sparse_format, missing_id),
+            **kwargs,
+        )
+    except ValueError as err:
+        if "are not in" not in str(err) and "lacks the columns" not in str(err):
+            raise
+        raise ValueError(f"{where}: {err}; expected the Criteo columns "
+                         f"{_describe(expected)}") from None
+
+
+def _describe(names: Sequence[str]) -> str:
+    return "label, i1..i13, c1..c26" if list(names) == CRITEO_TEXT_COLUMNS else ", ".join(names)
+
+
+def _check_names(names: list[str], expected: list[str], what: str, where: str,
+                 path: str | None = None) -> None:
+    of = f"{path!r}" if path else what
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{where}: {of} repeats the column names {repeated}")
+    missing = [c for c in expected if c not in names]
+    if missing:
+        extra = [n for n in names if n not in expected]
+        others = f"; it has other columns {extra[:8]}" if extra else ""
+        raise ValueError(f"{where}: {of} lacks the columns {missing}{others}; expected "
+                         f"{_describe(expected)} (in any order)")
+
+
+def _check_header(path: str, fmt: str, delimiter: str | None, expected: list[str],
+                  where: str) -> None:
+    """A CSV/TSV file's header line must name the expected columns; a file whose first line
+    looks like data has no header and needs ``columns``."""
+    sep = delimiter or ("," if fmt == "csv" else "\t")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.readline().rstrip("\r\n")
+    except OSError as err:
+        raise ValueError(f"{where}: cannot read {path!r}: {err}") from None
+    names = [n.strip().strip('"') for n in first.split(sep)]
+    if not any(n in expected for n in names):
+        raise ValueError(
+            f"{where}: {path!r} has no header line naming its columns (its first line starts "
+            f"{first[:40]!r}); pass columns= (--columns) with the names of its columns in "
+            f"order, e.g. 'criteo' for {_describe(CRITEO_TEXT_COLUMNS)}")
+    _check_names(names, expected, "", where, path)

@@ -414,6 +414,48 @@ class FileDataset(IterableDataset):
                 f"FileDataset.set_epoch: epoch must be an int, got {type(epoch).__name__}"
             ) from None
 
+    def num_rows(self) -> int | None:
+        """Rows in all the files, from the ORC/Parquet footers; None when a CSV/TSV file is
+        among them (its rows are known only by reading it)."""
+        total = 0
+        for path, fmt in zip(self._files, self._formats, strict=True):
+            if fmt == "orc":
+                total += pa_orc.ORCFile(path).nrows
+            elif fmt == "parquet":
+                total += pq.ParquetFile(path).metadata.num_rows
+            else:
+                return None
+        return total
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields on this shard (from the footers: no data is
+        read). ``TypeError`` for CSV/TSV files, whose length is unknown until read."""
+        if any(fmt in ("csv", "tsv") for fmt in self._formats):
+            raise TypeError("FileDataset: the number of batches of CSV/TSV files is not known "
+                            "before reading them")
+        shard, num_shards = current_shard(self.rank, self.world_size)
+
+        def batches(rows: int) -> int:
+            return rows // self.batch_size if self.drop_remainder else \
+                -(-rows // self.batch_size)
+
+        if len(self._files) >= num_shards:
+            order = self._order(self._epoch)
+            rows = 0
+            for pos in range(shard, len(order), num_shards):
+                path, fmt = self._files[order[pos]], self._formats[order[pos]]
+                rows += (pa_orc.ORCFile(path).nrows if fmt == "orc"
+                         else pq.ParquetFile(path).metadata.num_rows)
+            return batches(rows)
+        total = batches(self.num_rows() or 0)
+        return len(range(shard, total, num_shards))
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self._files)))
+        if self.shuffle:
+            order = [int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(order)]
+        return order
+
     @property
     def files(self) -> list[str]:
         """The data files, in reading order before shuffling."""
@@ -423,9 +465,7 @@ class FileDataset(IterableDataset):
         epoch = self._epoch
         self._epoch += 1
         shard, num_shards = current_shard(self.rank, self.world_size)
-        order = list(range(len(self._files)))
-        if self.shuffle:
-            order = [int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(order)]
+        order = self._order(epoch)
         by_file = len(order) >= num_shards
         if by_file:
             positions = list(range(shard, len(order), num_shards))
