@@ -2,10 +2,12 @@
 
 Default data: the built-in synthetic click stream (new IDs keep arriving, old ones fade, so
 admission and the GlobalStepFilter matter). ``--data`` trains on files in the Criteo layout
-(ORC/Parquet with list or scalar columns, or CSV/TSV: label, i1..i13, c1..c26)::
+(label, i1..i13, c1..c26; ORC/Parquet, or CSV/TSV with a header line; read by column name;
+``--columns`` for header-less text files), with defaults tuned for such data::
 
-    python -m recis.examples.deepfm                       # synthetic stream, ~1 minute
-    python -m recis.examples.deepfm --data part-[0-3].orc --eval-data part-4.orc part-5.orc
+    python -m recis.examples.deepfm                       # synthetic stream, ~30 s
+    python -m recis.examples.deepfm --data ../shared/data/criteo-sample/part-[0-3].orc \
+        --eval-data ../shared/data/criteo-sample/part-[45].orc
     torchrun --standalone --nproc_per_node 2 -m recis.examples.deepfm   # 2 processes
 
 Under torchrun the tables are sharded over the processes, the dense layers are data-parallel,
@@ -14,6 +16,8 @@ processes reach the results of one.
 
 Prints a progress bar, then one JSON line with the final figures; writes
 ``OUTPUT/metrics.json`` and ``OUTPUT/training.png`` (loss, eval AUC, live IDs per table).
+Ctrl-C stops at the next step (saving a checkpoint with ``--save-steps``; exit 130); a bad
+argument or file is one line on stderr (exit 2).
 """
 
 from __future__ import annotations
