@@ -230,3 +230,20 @@ def test_the_progress_bar_knows_its_total_from_the_footers():
     assert trainer.planned_steps() == 36
     assert Trainer(torch.nn.Linear(1, 1), TrainingArguments(train_steps=7), held) \
         .planned_steps() == 7
+
+
+def test_tables_with_equal_counts_stay_visible_in_the_plot(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: saved.append(fig))
+    tables = {"dim 16 (c1, ...)": 100, "dim 1 (c1_w, ...)": 100}  # equal counts
+    history = [{"step": s, "loss": 0.5, "tables": tables} for s in (10, 20, 30)]
+    assert deepfm.plot(history, str(tmp_path / "p.png"))
+    lines = saved[0].axes[2].get_lines()
+    assert len(lines) == 2
+    looks = {(line.get_linestyle(), line.get_marker()) for line in lines}
+    assert len(looks) == 2  # drawn on top of each other, yet told apart
+    assert {line.get_label() for line in lines} == set(tables)
