@@ -314,7 +314,9 @@ def test_criteo_raw_text(tmp_path):
     label, dense, sparse = criteo_columns()
     rows = [["1", *["3"] * 13, *["68fd1e64"] * 26], ["0", *[""] * 13, *[""] * 26]]
     (tmp_path / "day_0.txt").write_text("\n".join("\t".join(r) for r in rows) + "\n")
-    batch = next(iter(criteo_dataset(tmp_path, 8)))  # a directory of raw text files
+    with pytest.raises(ValueError, match="no header line"):  # never read by position unasked
+        criteo_dataset(tmp_path, 8)
+    batch = next(iter(criteo_dataset(tmp_path, 8, columns="criteo")))  # a directory of them
     assert batch["label"].tolist() == [1.0, 0.0]
     assert batch["dense"].tolist() == [[3.0] * 13, [0.0] * 13]
     assert batch["c26"].values().tolist() == hash_strings(["68fd1e64"]).tolist()
