@@ -310,8 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
                          f"processes ({world})")
-    if rank == 0:
-        _check_output(args)
+    _check_output(args)  # on every rank, so that none is left waiting for rank 0
     torch.manual_seed(args.seed)
     train, evaluation, fields, num_dense, source = build_data(args)
     model = DeepFM(fields, num_dense, dim=args.dim, hidden=args.hidden,
