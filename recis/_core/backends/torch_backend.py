@@ -136,6 +136,16 @@ def map_lookup_or_insert(
     tombstones_reused)`` with ``inserted`` the mask of the keys that were absent.
     """
     rows = map_lookup(keys, vals, ids, tags)
+    inserted, n_free, next_row, reused = insert_missing(keys, vals, ids, tags, rows, free,
+                                                        n_free, next_row)
+    return rows, inserted, n_free, next_row, reused
+
+
+def insert_missing(keys: Tensor, vals: Tensor, ids: Tensor, tags: Tensor | None, rows: Tensor,
+                   free: Tensor, n_free: int, next_row: int) -> tuple[Tensor, int, int, int]:
+    """Give the keys whose looked-up row is -1 a row (smallest free rows first, then from
+    ``next_row``), in input order, writing it into ``rows``. Returns ``(inserted, n_free,
+    next_row, tombstones_reused)``."""
     inserted = rows < 0
     missing = inserted.nonzero().squeeze(1)
     reused = 0
@@ -145,7 +155,7 @@ def map_lookup_or_insert(
         reused = _insert_absent(
             keys, vals, ids[missing], None if tags is None else tags[missing], new_rows
         )
-    return rows, inserted, n_free, next_row, reused
+    return inserted, n_free, next_row, reused
 
 
 def map_delete(keys: Tensor, vals: Tensor, ids: Tensor, tags: Tensor | None) -> Tensor:
@@ -261,15 +271,8 @@ class TorchBackend(Backend):
         return uniq, uniq_tags, inverse, map_lookup(table[:, 0], table[:, 1], uniq, uniq_tags)
 
     def map_insert_missing(self, table, ids, tags, rows, free, n_free, next_row):
-        inserted = rows < 0
-        missing = inserted.nonzero().squeeze(1)
-        reused = 0
-        if missing.numel():
-            new_rows, n_free, next_row = take_rows(free, n_free, next_row, missing.numel())
-            rows[missing] = new_rows
-            reused = _insert_absent(table[:, 0], table[:, 1], ids[missing],
-                                    None if tags is None else tags[missing], new_rows)
-        return inserted, n_free, next_row, reused
+        return insert_missing(table[:, 0], table[:, 1], ids, tags, rows, free, n_free,
+                              next_row)
 
     def map_delete(self, table, ids, tags):
         return map_delete(table[:, 0], table[:, 1], ids, tags)
