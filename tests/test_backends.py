@@ -188,7 +188,8 @@ def test_offsets_are_checked_before_any_kernel(offsets, match):
         check_offsets(torch.tensor(offsets, dtype=torch.int64), 4)
 
 
-def test_backend_choice_and_registry():
+def test_backend_choice_and_registry(monkeypatch):
+    monkeypatch.delenv("RECIS_KERNELS", raising=False)  # the default choice, whatever the env
     assert backend_for("cpu") is NUMBA
     with use_backend("torch"):
         assert backend_for("cpu") is TORCH
