@@ -13,7 +13,8 @@ classes and creates them for tables. Add a policy without touching the library::
 
     FilterHook("DropOddIds")  # now usable in HashTable / EmbeddingOption
 
-Built in: admission ``"ReadOnly"`` and ``"MinCount"``; filter ``"GlobalStepFilter"``.
+Built in: admission ``"ReadOnly"``, ``"MinCount"`` and ``"Probability"``; filters
+``"GlobalStepFilter"``, ``"LRU"``, ``"LFU"`` and ``"L2Norm"``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from recis._core.backends.torch_backend import hash_keys
+from recis._core.counter_rng import counter_uniform, mix_seed
 from recis._core.policy import TablePolicy
 from recis._core.slots import SlotSpec
 from recis.nn.hashtable_hook import AdmitHook, FilterHook
@@ -44,6 +46,10 @@ __all__ = [
     "BaseFilterHookImpl",
     "ReadOnlyHookImpl",
     "GlobalStepFilterHookImpl",
+    "ProbabilityAdmitHookImpl",
+    "LRUFilterHookImpl",
+    "LFUFilterHookImpl",
+    "L2NormFilterHookImpl",
     "HashtableHookFactory",
     "regist_admit",
     "regist_filter",
@@ -233,6 +239,50 @@ class MinCountAdmitHookImpl(BaseAdmitHookImpl):
         return {"sketch": total.to(torch.int32)}
 
 
+@regist_admit("Probability")
+class ProbabilityAdmitHookImpl(BaseAdmitHookImpl):
+    """Admit each new ID with probability ``p``, drawn anew every training lookup that sees
+    it unknown (so an ID seen ``n`` times is admitted with probability ``1 - (1 - p)^n``).
+
+    The draws are a pure function of ``(seed, lookup number, child, ID)``: the same seed and
+    inputs admit the same IDs. The lookup counter is the policy's state, saved with the
+    table (a resharded load continues from the largest saved counter; under sharding each
+    owner draws for its own IDs, so N processes admit different IDs than 1).
+
+    Args:
+        p (float): admission probability, in (0, 1].
+        seed (int): seed of the draws. Default: 0.
+    """
+
+    def __init__(self, p: float, seed: int = 0):
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"Probability: p must be a number in (0, 1], got {p!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"Probability: seed must be an int, got {seed!r}")
+        self.p, self.seed = float(p), seed
+        self._lookups = torch.zeros(1, dtype=torch.int64)
+
+    def admit(self, store, ids, tags, counts):
+        key = mix_seed("Probability", self.seed, int(self._lookups.item()))
+        self._lookups += 1
+        keys = torch.full_like(ids, key) if tags is None else key ^ (tags.to(torch.int64) << 40)
+        return counter_uniform(ids, keys, 1)[:, 0] < self.p
+
+    def policy_state(self) -> dict[str, Tensor]:
+        return {"lookups": self._lookups}
+
+    def load_policy_state(self, state: dict[str, Tensor]) -> None:
+        if set(state) - {"lookups"}:
+            raise ValueError(f"Probability: unknown state {sorted(set(state) - {'lookups'})}")
+        if "lookups" in state:
+            self._lookups = state["lookups"].to(torch.int64).reshape(1).cpu().clone()
+
+    @classmethod
+    def merge_policy_states(cls, states):
+        counts = [s["lookups"].reshape(()).cpu() for s in states if "lookups" in s]
+        return {"lookups": torch.stack(counts).max().reshape(1)} if counts else {}
+
+
 # -- filters -----------------------------------------------------------------------------------
 class BaseFilterHookImpl(nn.Module, TablePolicy):
     """A filter policy attached to one table (a submodule of it).
@@ -373,6 +423,180 @@ class GlobalStepFilterHookImpl(BaseFilterHookImpl):
 
     def extra_repr(self) -> str:
         return f"filter_step={self.filter_step}, name={self._name!r}"
+
+
+def worst_beyond(max_rows: int, keys: list[Tensor]) -> Tensor:
+    """Bool mask of the rows to remove so that ``max_rows`` remain: the first in the order of
+    ``keys`` (the first key decides, the next ones break its ties), lowest first."""
+    n = keys[0].numel()
+    remove = torch.zeros(n, dtype=torch.bool, device=keys[0].device)
+    if n <= max_rows:
+        return remove
+    order = torch.arange(n, device=keys[0].device)
+    for key in reversed(keys):  # stable sorts, last key first: a lexicographic order
+        order = order[torch.argsort(key[order], stable=True)]
+    remove[order[:n - max_rows]] = True
+    return remove
+
+
+def _check_max_rows(where: str, max_rows: Any, name: str) -> None:
+    check_positive_int(max_rows, "max_rows", where=where)
+    check_slot_name(name, where)
+
+
+class _ClockFilter(BaseFilterHookImpl):
+    """A filter with an int64 clock buffer (its saved state; the largest wins on a resharded
+    load)."""
+
+    def __init__(self, table: HashTable, name: str):
+        super().__init__(table, name)
+        self.register_buffer("_clock", torch.zeros(1, dtype=torch.int64, device=table.device))
+
+    def policy_state(self) -> dict[str, Tensor]:
+        return {"clock": self._clock}
+
+    def load_policy_state(self, state: dict[str, Tensor]) -> None:
+        if set(state) != {"clock"}:
+            raise ValueError(f"{type(self).__name__}: expected state ['clock'], got "
+                             f"{sorted(state)}")
+        self._clock.copy_(state["clock"].reshape(1))
+
+    @classmethod
+    def merge_policy_states(cls, states):
+        clocks = [s["clock"].reshape(()).cpu() for s in states]
+        return {"clock": torch.stack(clocks).max().reshape(1)} if clocks else {}
+
+
+@regist_filter("LRU")
+class LRUFilterHookImpl(_ClockFilter):
+    """Keep at most ``max_rows`` rows: a filter run removes the least recently used beyond it.
+
+    Every training lookup (and :meth:`HashTable.insert`) that touches a row stamps it with the
+    policy's lookup counter; a run removes the rows with the oldest stamps, ties (rows of the
+    same lookup) broken by child then ID, lowest first, so the choice does not depend on row
+    numbers.
+
+    Args:
+        max_rows (int): rows kept after a filter run (> 0); under sharding, rows of this
+            rank's shard.
+        name (str): the slot holding each row's stamp. Default: ``"lru_stamp"``.
+    """
+
+    def __init__(self, table: HashTable, max_rows: int, name: str = "lru_stamp"):
+        self.check_params(max_rows=max_rows, name=name)
+        super().__init__(table, name)
+        self.max_rows = max_rows
+
+    @classmethod
+    def check_params(cls, max_rows: int = 1, name: str = "lru_stamp") -> None:
+        _check_max_rows("LRU", max_rows, name)
+
+    def slot_specs(self) -> list[SlotSpec]:
+        return [SlotSpec(self._name, (1,), torch.int64, 0)]
+
+    def on_touch(self, store: TableStore, rows: Tensor) -> None:
+        if rows.numel():
+            self._clock += 1
+            store.write(self._name, rows, self._clock.view(1, 1))
+
+    def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
+        stamps = self.table.store.read(self._name, rows).view(-1)
+        return worst_beyond(self.max_rows, [stamps, tags, ids])
+
+    def extra_repr(self) -> str:
+        return f"max_rows={self.max_rows}, name={self._name!r}"
+
+
+@regist_filter("LFU")
+class LFUFilterHookImpl(_ClockFilter):
+    """Keep at most ``max_rows`` rows: a filter run removes the least frequently used beyond
+    it.
+
+    A row's frequency counts the training lookups (and inserts) that touched it, each
+    weighted by ``decay ** (steps since)``, the steps being those of
+    :class:`~recis.hooks.filter_hook.HashTableFilterHook` (``decay=1``: plain counts). The decay
+    is applied lazily (each row keeps its count and the step of its last touch), so a step
+    costs nothing for untouched rows. A run removes the lowest frequencies first, ties broken
+    by the older last touch, then child, then ID.
+
+    Args:
+        max_rows (int): rows kept after a filter run (> 0); under sharding, rows of this
+            rank's shard.
+        decay (float): weight kept per step, in (0, 1]. Default: 1.
+        name (str): prefix of the slots ``<name>_count`` and ``<name>_step``. Default: ``"lfu"``.
+    """
+
+    def __init__(self, table: HashTable, max_rows: int, decay: float = 1.0, name: str = "lfu"):
+        self.check_params(max_rows=max_rows, decay=decay, name=name)
+        super().__init__(table, name)
+        self.max_rows, self.decay = max_rows, float(decay)
+
+    @classmethod
+    def check_params(cls, max_rows: int = 1, decay: float = 1.0, name: str = "lfu") -> None:
+        _check_max_rows("LFU", max_rows, name)
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or \
+                not 0 < decay <= 1:
+            raise ValueError(f"LFU: decay must be a number in (0, 1], got {decay!r}")
+
+    def slot_specs(self) -> list[SlotSpec]:
+        return [SlotSpec(f"{self._name}_count", (1,), torch.float64, 0.0),
+                SlotSpec(f"{self._name}_step", (1,), torch.int64, 0)]
+
+    def _frequency(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        store = self.table.store
+        count = store.read(f"{self._name}_count", rows).view(-1)
+        last = store.read(f"{self._name}_step", rows).view(-1)
+        if self.decay < 1:
+            count = count * torch.pow(torch.tensor(self.decay, dtype=torch.float64,
+                                                   device=count.device),
+                                      (self._clock - last).to(torch.float64))
+        return count, last
+
+    def on_touch(self, store: TableStore, rows: Tensor) -> None:
+        if rows.numel():
+            count, _ = self._frequency(rows)
+            store.write(f"{self._name}_count", rows, (count + 1).view(-1, 1))
+            store.write(f"{self._name}_step", rows, self._clock.expand(rows.numel()).view(-1, 1))
+
+    def update_step(self, step_size: int = 1) -> None:
+        self._clock += step_size
+
+    def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
+        count, last = self._frequency(rows)
+        return worst_beyond(self.max_rows, [count, last, tags, ids])
+
+    def extra_repr(self) -> str:
+        return f"max_rows={self.max_rows}, decay={self.decay}, name={self._name!r}"
+
+
+@regist_filter("L2Norm")
+class L2NormFilterHookImpl(BaseFilterHookImpl):
+    """Remove rows whose embedding has an L2 norm below ``min_norm`` at a filter run (rows an
+    L2 penalty or weight decay has pulled towards zero carry little signal).
+
+    Args:
+        min_norm (float): rows with a smaller norm are removed (>= 0).
+        name (str): the policy's name. Default: ``"l2norm"``.
+    """
+
+    def __init__(self, table: HashTable, min_norm: float, name: str = "l2norm"):
+        self.check_params(min_norm=min_norm, name=name)
+        super().__init__(table, name)
+        self.min_norm = float(min_norm)
+
+    @classmethod
+    def check_params(cls, min_norm: float = 0.0, name: str = "l2norm") -> None:
+        if isinstance(min_norm, bool) or not isinstance(min_norm, (int, float)) or \
+                not min_norm >= 0:
+            raise ValueError(f"L2Norm: min_norm must be a number >= 0, got {min_norm!r}")
+        check_slot_name(name, "L2Norm")
+
+    def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
+        rows_emb = self.table.store.read("embedding", rows)
+        return rows_emb.reshape(rows.numel(), -1).to(torch.float64).norm(dim=1) < self.min_norm
+
+    def extra_repr(self) -> str:
+        return f"min_norm={self.min_norm}"
 
 
 class HashtableHookFactory:
