@@ -186,3 +186,18 @@ def test_probability_state_is_saved_and_restored(tmp_path):
 def test_bad_probability_params_are_named():
     with pytest.raises(ValueError, match=r"p must be a number in \(0, 1\]"):
         HashTable([2], name="t")(torch.arange(3), AdmitHook("Probability", {"p": 0}))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_worst_beyond_equals_a_full_lexicographic_sort(seed):
+    from recis.nn.modules.hashtable_hook_impl import worst_beyond
+
+    g = torch.Generator().manual_seed(seed)
+    n = 500
+    keys = [torch.randint(0, 6, (n,), generator=g).to(torch.float64),  # many ties
+            torch.randint(0, 3, (n,), generator=g), torch.randperm(n, generator=g)]
+    for max_rows in (0, 1, 137, 499, 500, 800):
+        order = sorted(range(n), key=lambda i: tuple(float(k[i]) for k in keys))
+        expected = set(order[:max(n - max_rows, 0)])
+        got = set(worst_beyond(max_rows, keys).nonzero().view(-1).tolist())
+        assert got == expected, max_rows

@@ -33,6 +33,8 @@ class DeepFM(nn.Module):
         seed (int): seed of the embedding initializers. Default: 0.
         dropout (float): dropout after each hidden layer. Default: 0.
         min_count (int): admit an ID after this many occurrences (``MinCount``). Default: 1.
+        filter_hook (FilterHook, optional): any eviction policy for every table, instead of
+            ``filter_step``'s GlobalStepFilter (e.g. ``FilterHook("LFU", {"max_rows": n})``).
 
     Input batch: ``{"label": (B,), "dense": (B, num_dense), field: (B, K) ids or RaggedTensor}``.
     Returns ``{"loss", "preds", "labels"}`` (what :class:`~recis.framework.Trainer` expects).
@@ -40,14 +42,17 @@ class DeepFM(nn.Module):
 
     def __init__(self, sparse_fields: Sequence[str], num_dense: int, dim: int = 16,
                  hidden: Sequence[int] = (256, 128), filter_step: int | None = None,
-                 seed: int = 0, dropout: float = 0.0, min_count: int = 1):
+                 seed: int = 0, dropout: float = 0.0, min_count: int = 1,
+                 filter_hook: FilterHook | None = None):
         super().__init__()
         if not sparse_fields:
             raise ValueError("sparse_fields must name at least one ID feature")
         self.sparse_fields = list(sparse_fields)
         self.num_dense = num_dense
-        hook = (FilterHook("GlobalStepFilter", {"filter_step": filter_step})
-                if filter_step else None)
+        if filter_hook is not None and filter_step:
+            raise ValueError("give filter_step or filter_hook, not both")
+        hook = filter_hook or (FilterHook("GlobalStepFilter", {"filter_step": filter_step})
+                               if filter_step else None)
         admit = AdmitHook("MinCount", {"min_count": min_count}) if min_count > 1 else None
         gen = torch.Generator().manual_seed(seed)
         emb_init = TruncNormalInitializer(std=0.01, a=-0.02, b=0.02, generator=gen)
