@@ -285,3 +285,31 @@ def dying_saver(rank: int, world: int, manager_dir: str) -> None:
 
         checkpoint.Saver._write = die
     manager.save(2)
+
+
+def lru_batch(step: int, rank: int) -> list[int]:
+    """The IDs rank ``rank`` looks up at ``step`` in :func:`sharded_lru`."""
+    import random
+
+    rng = random.Random(step * 1000 + rank)
+    return [rng.randrange(120) * 7919 - 500_000 for _ in range(rng.randrange(5, 30))]
+
+
+def sharded_lru(rank: int, world: int, out_dir: str, steps: int, max_rows: int,
+                every: int) -> None:
+    """Each rank enforces LRU's cap on its own shard; writes the IDs it holds at the end."""
+    import json
+
+    from recis.nn import DynamicEmbedding, EmbeddingOption
+    from recis.nn.hashtable_hook import FilterHook
+
+    emb = DynamicEmbedding(EmbeddingOption(
+        embedding_dim=DIM, shared_name="lru",
+        filter_hook=FilterHook("LRU", {"max_rows": max_rows})))
+    for step in range(steps):
+        emb(torch.tensor(lru_batch(step, rank)).view(-1, 1))
+        if step % every == every - 1:
+            emb.hashtable._filter_hook_impl.do_filter()
+            assert len(emb.hashtable) <= max_rows
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(emb.hashtable.ids().tolist(), f)

@@ -180,3 +180,34 @@ def test_the_main_job_on_files_under_torchrun_matches_one_process(tmp_path):
     assert two["processes"] == 2 and two["train_examples"] == one["train_examples"] > 0
     assert two["live_ids"] == one["live_ids"]
     assert abs(two["eval_auc"] - one["eval_auc"]) < 1e-5
+
+
+def test_each_rank_enforces_lru_on_its_own_shard(tmp_path):
+    import json
+
+    from dist_scenarios import lru_batch
+
+    from recis.nn.modules.hashtable import gen_slice, slice_index
+
+    steps, max_rows, every, world = 14, 12, 3, 2
+    failed = run_ranks("sharded_lru", world, (str(tmp_path), steps, max_rows, every),
+                       str(tmp_path))
+    assert not failed, failed
+    ends = torch.tensor([gen_slice(k, world, 65536).slice_end for k in range(world)])
+
+    def owner(i: int) -> int:
+        return int(torch.bucketize(slice_index(torch.tensor([i]), 65536), ends, right=True))
+
+    for rank in range(world):  # the owner sees one lookup per step: every rank's IDs it owns
+        stamp: dict[int, int] = {}
+        clock = 0
+        for step in range(steps):
+            mine = {i for r in range(world) for i in lru_batch(step, r) if owner(i) == rank}
+            if mine:
+                clock += 1
+                stamp.update(dict.fromkeys(mine, clock))
+            if step % every == every - 1 and len(stamp) > max_rows:
+                for i in sorted(stamp, key=lambda i: (stamp[i], i))[:len(stamp) - max_rows]:
+                    del stamp[i]
+        held = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert sorted(held) == sorted(stamp), rank
