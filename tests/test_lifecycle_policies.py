@@ -201,3 +201,62 @@ def test_worst_beyond_equals_a_full_lexicographic_sort(seed):
         expected = set(order[:max(n - max_rows, 0)])
         got = set(worst_beyond(max_rows, keys).nonzero().view(-1).tolist())
         assert got == expected, max_rows
+
+
+def test_parse_bytes():
+    from recis.nn.modules.hashtable_hook_impl import parse_bytes
+
+    assert parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("512 MB") == 512 * 10**6
+    assert parse_bytes(1000) == 1000 and parse_bytes("1.5kib") == 1536
+    for bad in ("2 GiBs", "lots", "-1MB", 0):
+        with pytest.raises(ValueError, match="budget"):
+            parse_bytes(bad, "budget")
+    with pytest.raises(TypeError):
+        parse_bytes(2.5e9, "budget")
+
+
+def test_memory_budget_caps_rows_in_lfu_order():
+    from recis.optim import SparseAdamW
+
+    table = HashTable([16], name="t", filter_hook=FilterHook("MemoryBudget",
+                                                             {"budget": 64 * 290}))
+    SparseAdamW({"t": table}, lr=1e-3)  # its state counts in the row's bytes
+    impl = table._filter_hook_impl
+    assert impl.bytes_per_row() == 16 * 4 * 3 + 8 + 8 + 1 + 16 + 8 + 57
+    ref = LFUModel(64, 1.0)
+    for n, batch in enumerate(_sequence(3)):
+        table(torch.tensor(batch))
+        ref.lookup(batch)
+        impl.update_step()
+        ref.step()
+        if n % 7 == 6:
+            impl.do_filter()
+            assert _ids(table) == ref.filter(), f"step {n}"
+
+
+def test_memory_budget_plateaus_under_a_drifting_stream():
+    block, interval, new_per_step = 256, 10, 40
+    table = HashTable([8], name="t", block_size=block,
+                      filter_hook=FilterHook("MemoryBudget", {"budget": "256KiB",
+                                                              "decay": 0.95}))
+    impl = table._filter_hook_impl
+    rng = random.Random(0)
+    memory, rows_and_map = [], []  # all of it, and without the (bounded) removal log
+    for step in range(3000):
+        fresh = [10**9 + step * new_per_step + k for k in range(new_per_step)]
+        recent = [10**9 + rng.randrange(max(step - 50, 0), step + 1) * new_per_step
+                  for _ in range(20)]
+        table(torch.tensor(fresh + recent))
+        impl.update_step()
+        if step % interval == interval - 1:
+            impl.do_filter()
+            assert len(table) <= impl.budget // impl.bytes_per_row()
+            memory.append(table.memory_bytes())
+            rows_and_map.append(memory[-1] - table.store._removed.memory_bytes())
+    from recis._core.store import _RemovalLog
+
+    slack = (block * impl.bytes_per_row() + interval * new_per_step * impl.bytes_per_row()
+             + 16 * _RemovalLog.MIN_BOUND)  # a block per slot, one interval, the log's floor
+    assert max(memory) <= 1.1 * impl.budget + slack
+    plateau = rows_and_map[len(rows_and_map) // 4:]
+    assert min(plateau) == max(plateau)  # blocks and map stop growing once the cap holds

@@ -20,6 +20,7 @@ Built in: admission ``"ReadOnly"``, ``"MinCount"`` and ``"Probability"``; filter
 from __future__ import annotations
 
 import inspect
+import math
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,8 @@ __all__ = [
     "LRUFilterHookImpl",
     "LFUFilterHookImpl",
     "L2NormFilterHookImpl",
+    "MemoryBudgetFilterHookImpl",
+    "parse_bytes",
     "HashtableHookFactory",
     "regist_admit",
     "regist_filter",
@@ -537,7 +540,7 @@ class LFUFilterHookImpl(_ClockFilter):
     """
 
     def __init__(self, table: HashTable, max_rows: int, decay: float = 1.0, name: str = "lfu"):
-        self.check_params(max_rows=max_rows, decay=decay, name=name)
+        LFUFilterHookImpl.check_params(max_rows=max_rows, decay=decay, name=name)
         super().__init__(table, name)
         self.max_rows, self.decay = max_rows, float(decay)
 
@@ -607,6 +610,82 @@ class L2NormFilterHookImpl(BaseFilterHookImpl):
 
     def extra_repr(self) -> str:
         return f"min_norm={self.min_norm}"
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: Any, where: str = "memory budget") -> int:
+    """Bytes from an int or a string such as ``"2GiB"``, ``"512 MB"``, ``"1.5gib"``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{where}: expected bytes as an int or a string like '2GiB', got bool")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        unit = text.lstrip("0123456789.")
+        try:
+            number = int(float(text[:len(text) - len(unit)]) * _UNITS[unit])
+        except (ValueError, KeyError):
+            raise ValueError(f"{where}: cannot read {value!r} as bytes; expected e.g. 2GiB, "
+                             f"512MB, 1000000 (units {sorted(u for u in _UNITS if u)})") from None
+    else:
+        raise TypeError(f"{where}: expected bytes as an int or a string like '2GiB', got "
+                        f"{type(value).__name__}")
+    if number <= 0:
+        raise ValueError(f"{where}: must be > 0 bytes, got {value!r}")
+    return number
+
+
+@regist_filter("MemoryBudget")
+class MemoryBudgetFilterHookImpl(LFUFilterHookImpl):
+    """Keep a table within a byte budget: at each filter run, the rows beyond what the budget
+    holds are removed, least frequently used first (:class:`LFUFilterHookImpl`'s order).
+
+    The row limit is ``budget // bytes_per_row()``, recomputed at every run from the table's
+    own layout: every slot's row (embedding, optimizer state, policy metadata), one byte of
+    change tracking, 16 bytes of removal log (for incremental checkpoints), 8 bytes of free
+    list, and the ID map's bytes per ID at its sparsest (just after it doubles: 16 bytes a
+    slot at 28% load, 57 bytes), so the rows never need more than the budget. Fixed overhead
+    on top: one block of rows per slot, and up to 1 MiB of removal log while the table is
+    small. Blocks and the map are allocated ahead of need and reused, not returned: between
+    runs a table can exceed its budget by the rows admitted since the last run. Under
+    sharding each rank keeps its shard within the budget given to it.
+
+    Args:
+        budget (int or str): bytes, e.g. ``"2GiB"``, ``"512MB"`` or an int.
+        decay (float): LFU's weight kept per step, in (0, 1]. Default: 1.
+        name (str): prefix of the LFU slots. Default: ``"budget"``.
+    """
+
+    def __init__(self, table: HashTable, budget: int | str, decay: float = 1.0,
+                 name: str = "budget"):
+        self.check_params(budget=budget, decay=decay, name=name)
+        self.budget = parse_bytes(budget, "MemoryBudget: budget")
+        super().__init__(table, max_rows=1, decay=decay, name=name)
+
+    @classmethod
+    def check_params(cls, budget: int | str = 1, decay: float = 1.0,
+                     name: str = "budget") -> None:
+        parse_bytes(budget, "MemoryBudget: budget")
+        LFUFilterHookImpl.check_params(max_rows=1, decay=decay, name=name)
+
+    def bytes_per_row(self) -> int:
+        """The budget's cost of one row (see the class docstring)."""
+        from recis._core.id_map import IdMap
+
+        slots = sum(math.prod(spec.row_shape) * spec.dtype.itemsize
+                    for spec in self.table.store.slot_specs())
+        map_bytes = math.ceil(16 / (IdMap.MAX_LOAD * 0.75 / 2))
+        return slots + 1 + 16 + 8 + map_bytes
+
+    def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
+        self.max_rows = max(self.budget // self.bytes_per_row(), 1)
+        return super().filter(ids, tags, rows)
+
+    def extra_repr(self) -> str:
+        return f"budget={self.budget}, decay={self.decay}, name={self._name!r}"
 
 
 class HashtableHookFactory:
