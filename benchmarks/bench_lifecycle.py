@@ -6,6 +6,10 @@
   bookkeeping), and a filter run (``do_filter``) that brings the table back to 1M rows,
   amortised over a filter interval of 100 steps. Eviction cost per step = the policy's extra
   step time + filter run / 100, as a share of the plain step (target <= 5%).
+* **rss**: one table (dim 64, SparseAdagrad) under ``MemoryBudget`` of 64 MiB, fed 5,000
+  drifting steps (4096 IDs a step, 10% of them new, the rest from the last 100 steps'
+  IDs), a filter run every 50 steps: process RSS over the steps (a plateau), plotted in
+  ``benchmarks/figures/lifecycle_rss.png``, against ``1.1 x budget + fixed overhead``.
 * **quality**: the main job's DeepFM on the synthetic drifting stream (400 steps of 1024,
   seed 0), evaluated on held-out batches, under no eviction, GlobalStepFilter(200), and LRU /
   LFU capped at 50% and 25% of the rows the table holds without eviction (filter every 50
@@ -34,6 +38,7 @@ from _common import (  # noqa: E402
     paired_ratio,
     parse_args,
     print_table,
+    rss_bytes,
     setup_torch,
 )
 
@@ -187,10 +192,72 @@ def quality(quick: bool) -> list[list]:
     return rows
 
 
+def rss(quick: bool) -> None:
+    import numpy as np
+
+    from recis.nn import HashTable
+    from recis.nn.hashtable_hook import FilterHook
+    from recis.optim import SparseAdagrad
+
+    budget = 64 * 2**20
+    steps, per_step, new_share, every = (1000 if quick else 5000), 4096, 0.1, 50
+    table = HashTable([DIM], name="rss", filter_hook=FilterHook("MemoryBudget",
+                                                                {"budget": budget}))
+    opt = SparseAdagrad({"rss": table}, lr=0.01)
+    impl = table._filter_hook_impl
+    rng = np.random.default_rng(0)
+    fresh_per_step = int(per_step * new_share)
+    base = rss_bytes()
+    trace = []
+    for step in range(steps):
+        fresh = step * fresh_per_step + np.arange(fresh_per_step)
+        old = (rng.integers(max(step - 100, 0), step + 1, per_step - fresh_per_step)
+               * fresh_per_step + rng.integers(0, fresh_per_step, per_step - fresh_per_step))
+        ids = torch.from_numpy(np.concatenate([fresh, old]))
+        opt.zero_grad()
+        table(ids).sum().backward()
+        opt.step()
+        impl.update_step()
+        if step % every == every - 1:
+            impl.do_filter()
+            trace.append((step + 1, rss_bytes() - base, len(table), table.memory_bytes()))
+    limit = impl.budget // impl.bytes_per_row()
+    half = [t[1] for t in trace[len(trace) // 2:]]
+    quarter = [t[1] for t in trace[len(trace) // 4:len(trace) // 2]]
+    print(f"\n-- rss: MemoryBudget 64 MiB ({impl.bytes_per_row()} B a row: {limit:,} rows), "
+          f"{steps} steps of {per_step} IDs ({new_share:.0%} new), a filter run every {every}")
+    rows = [[s, f"{r / 2**20:.1f}", f"{n:,}", f"{m / 2**20:.1f}"]
+            for s, r, n, m in trace[:: max(len(trace) // 10, 1)] + trace[-1:]]
+    print_table(["step", "RSS growth MiB", "live rows", "table MiB"], rows)
+    print(f"RSS growth, max over the 2nd quarter: {max(quarter) / 2**20:.1f} MiB, over the 2nd "
+          f"half: {max(half) / 2**20:.1f} MiB (a plateau when equal or lower); the table's own "
+          f"bytes at the end: {trace[-1][3] / 2**20:.1f} MiB for a budget of 64 MiB")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([t[0] for t in trace], [t[1] / 2**20 for t in trace], label="process RSS growth")
+    ax.plot([t[0] for t in trace], [t[3] / 2**20 for t in trace], "--", label="table bytes")
+    ax.axhline(budget / 2**20, color="gray", linestyle=":", label="budget")
+    ax.set(xlabel="step", ylabel="MiB", title="MemoryBudget 64 MiB under a drifting stream")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(os.path.dirname(FIGURE), "lifecycle_rss.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    print(f"plot: {os.path.relpath(path)}")
+
+
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     setup_torch()
     cost(args.quick)
+    rss(args.quick)
     quality(args.quick)
 
 
