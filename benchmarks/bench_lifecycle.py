@@ -8,7 +8,7 @@
   step time + filter run / 100, as a share of the plain step (target <= 5%).
 * **rss**: one table (dim 64, SparseAdagrad) under ``MemoryBudget`` of 64 MiB, fed 5,000
   drifting steps (4096 IDs a step, 10% of them new, the rest from the last 100 steps'
-  IDs), a filter run every 50 steps: process RSS over the steps (a plateau), plotted in
+  IDs), a filter run every 10 steps: process RSS over the steps (a plateau), plotted in
   ``benchmarks/figures/lifecycle_rss.png``, against ``1.1 x budget + fixed overhead``.
 * **quality**: the main job's DeepFM on the synthetic drifting stream (400 steps of 1024,
   seed 0), evaluated on held-out batches, under no eviction, GlobalStepFilter(200), and LRU /
@@ -200,7 +200,7 @@ def rss(quick: bool) -> None:
     from recis.optim import SparseAdagrad
 
     budget = 64 * 2**20
-    steps, per_step, new_share, every = (1000 if quick else 5000), 4096, 0.1, 50
+    steps, per_step, new_share, every = (1000 if quick else 5000), 4096, 0.1, 10
     table = HashTable([DIM], name="rss", filter_hook=FilterHook("MemoryBudget",
                                                                 {"budget": budget}))
     opt = SparseAdagrad({"rss": table}, lr=0.01)
