@@ -130,10 +130,10 @@ def test_eviction_state_is_saved_and_restored_exactly(tmp_path, policy, params):
     for n, batch in enumerate(seq):
         straight(torch.tensor(batch))
         straight._filter_hook_impl.update_step()
-        if n == 29:
-            Saver(path=str(tmp_path / "c"), hashtables={"t": straight}).save()
         if n % 5 == 4:
             straight._filter_hook_impl.do_filter()
+        if n == 29:  # after that step's filter run: the resumed table continues from step 30
+            Saver(path=str(tmp_path / "c"), hashtables={"t": straight}).save()
     resumed = _table(FilterHook(policy, params))
     Loader(str(tmp_path / "c"), {"t": resumed}).load()
     for n, batch in enumerate(seq[30:], start=30):
