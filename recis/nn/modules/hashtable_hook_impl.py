@@ -13,13 +13,15 @@ classes and creates them for tables. Add a policy without touching the library::
 
     FilterHook("DropOddIds")  # now usable in HashTable / EmbeddingOption
 
-Built in: admission ``"ReadOnly"``, ``"MinCount"`` and ``"Probability"``; filters
+Built in: admission ``"ReadOnly"``, ``"MinCount"`` (count-min sketch, optionally decaying),
+``"BloomFilter"`` (counting Bloom filter) and ``"Probability"``; filters
 ``"GlobalStepFilter"``, ``"LRU"``, ``"LFU"`` and ``"L2Norm"``.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -47,9 +49,12 @@ __all__ = [
     "ReadOnlyHookImpl",
     "GlobalStepFilterHookImpl",
     "ProbabilityAdmitHookImpl",
+    "MinCountAdmitHookImpl",
+    "BloomFilterAdmitHookImpl",
     "LRUFilterHookImpl",
     "LFUFilterHookImpl",
     "L2NormFilterHookImpl",
+    "bloom_size",
     "HashtableHookFactory",
     "regist_admit",
     "regist_filter",
@@ -185,6 +190,23 @@ def count_min_admit(sketch: Tensor, ids: Tensor, tags: Tensor | None, counts: Te
     return estimate >= min_count
 
 
+def _check_unit_interval(where: str, name: str, value: Any, *, closed_low: bool = False,
+                         closed_high: bool = True) -> float:
+    """A number in (0, 1] (or another combination of open and closed ends)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and \
+        (0 <= value if closed_low else 0 < value) and (value <= 1 if closed_high else value < 1)
+    if not ok:
+        interval = ("[" if closed_low else "(") + "0, 1" + ("]" if closed_high else ")")
+        raise ValueError(f"{where}: {name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+@torch.no_grad()
+def decay_counters(counters: Tensor, decay: float) -> None:
+    """Multiply int counters by ``decay`` in place, rounding down."""
+    counters.copy_((counters.to(torch.float64) * decay).floor_().to(counters.dtype))
+
+
 @regist_admit("MinCount")
 class MinCountAdmitHookImpl(BaseAdmitHookImpl):
     """Admit an ID once it has occurred ``min_count`` times in training lookups.
@@ -196,31 +218,54 @@ class MinCountAdmitHookImpl(BaseAdmitHookImpl):
     sketch is saved with the table; a resharded load gives every new shard the sum of the
     saved shards' sketches (IDs may then be admitted early, never late).
 
+    Old counts fade with ``decay < 1``: the policy numbers its admission calls (training
+    lookups that see at least one unknown ID); after every ``decay_every``-th call (its counts
+    added and its IDs admitted) every counter is multiplied by ``decay`` and rounded down. An
+    ID must then reach ``min_count`` with its recent occurrences: e.g. ``decay=0.5,
+    decay_every=100`` halves the counts every 100 such lookups. The call counter is saved with
+    the sketch (a resharded load continues from the largest).
+
     Args:
         min_count (int): occurrences needed (>= 1). Default: 2.
         width (int): counters per row, a power of two. Default: 2**20.
         depth (int): independent hash rows. Default: 2.
+        decay (float): factor applied to the counts, in (0, 1]; 1 = counts never fade.
+            Default: 1.
+        decay_every (int): admission calls between two decays (>= 1). Default: 1000.
     """
 
-    def __init__(self, min_count: int = 2, width: int = 1 << 20, depth: int = 2):
-        for name, value in (("min_count", min_count), ("width", width), ("depth", depth)):
+    def __init__(self, min_count: int = 2, width: int = 1 << 20, depth: int = 2,
+                 decay: float = 1.0, decay_every: int = 1000):
+        for name, value in (("min_count", min_count), ("width", width), ("depth", depth),
+                            ("decay_every", decay_every)):
             check_positive_int(value, name, where="MinCount")
         if width & (width - 1):
             raise ValueError(f"MinCount: width must be a power of two, got {width}")
+        self.decay = _check_unit_interval("MinCount", "decay", decay)
+        self.decay_every = decay_every
         self.min_count = min_count
         self._shape = (depth, width)
         self._sketch: Tensor | None = None
+        self._calls = torch.zeros(1, dtype=torch.int64)
 
     def admit(self, store, ids, tags, counts):
         if self._sketch is None:
             self._sketch = torch.zeros(self._shape, dtype=torch.int32, device=ids.device)
-        return count_min_admit(self._sketch, ids, tags, counts, self.min_count)
+        admitted = count_min_admit(self._sketch, ids, tags, counts, self.min_count)
+        if self.decay < 1:
+            self._calls += 1
+            if int(self._calls.item()) % self.decay_every == 0:
+                decay_counters(self._sketch, self.decay)
+        return admitted
 
     def policy_state(self) -> dict[str, Tensor]:
-        return {} if self._sketch is None else {"sketch": self._sketch}
+        state = {} if self._sketch is None else {"sketch": self._sketch}
+        if self.decay < 1:
+            state["calls"] = self._calls
+        return state
 
     def load_policy_state(self, state: dict[str, Tensor]) -> None:
-        unknown = set(state) - {"sketch"}
+        unknown = set(state) - {"sketch", "calls"}
         if unknown:
             raise ValueError(f"MinCount: unknown state {sorted(unknown)}")
         sketch = state.get("sketch")
@@ -229,14 +274,98 @@ class MinCountAdmitHookImpl(BaseAdmitHookImpl):
                 raise ValueError(f"MinCount: saved sketch has shape {tuple(sketch.shape)}, "
                                  f"this policy {self._shape}")
             self._sketch = sketch.to(torch.int32).clone()
+        if "calls" in state:
+            self._calls = state["calls"].to(torch.int64).reshape(1).cpu().clone()
 
     @classmethod
     def merge_policy_states(cls, states):
+        out = {}
         sketches = [s["sketch"].to(torch.int64) for s in states if "sketch" in s]
-        if not sketches:
+        if sketches:
+            total = torch.stack(sketches).sum(0).clamp_(max=torch.iinfo(torch.int32).max)
+            out["sketch"] = total.to(torch.int32)
+        calls = [s["calls"].reshape(()).cpu() for s in states if "calls" in s]
+        if calls:
+            out["calls"] = torch.stack(calls).max().reshape(1)
+        return out
+
+
+def bloom_size(capacity: int, fp_rate: float) -> tuple[int, int]:
+    """``(m, k)`` of a Bloom filter for ``capacity`` distinct keys at false-positive rate
+    ``fp_rate``: ``m = ceil(-capacity ln(fp_rate) / ln(2)^2)`` counters and
+    ``k = max(1, round(m / capacity * ln 2))`` hashes (the standard formulas)."""
+    m = max(1, math.ceil(-capacity * math.log(fp_rate) / math.log(2) ** 2))
+    return m, max(1, round(m / capacity * math.log(2)))
+
+
+@regist_admit("BloomFilter")
+class BloomFilterAdmitHookImpl(BaseAdmitHookImpl):
+    """Admit an ID once it has occurred ``min_count`` times in training lookups, counted in a
+    counting Bloom filter sized for ``capacity`` distinct IDs at false-positive rate
+    ``fp_rate``.
+
+    The filter has ``m`` int32 counters and ``k`` hashes (:func:`bloom_size`); each occurrence
+    of an unknown ID adds one to its ``k`` counters and the ID's count is the smallest of
+    them. Counters shared with other IDs can only over-count, so an ID may be admitted early
+    (with about ``fp_rate`` odds while at most ``capacity`` IDs were counted), never late.
+    Memory: ``4 * m`` bytes (``capacity=10**7, fp_rate=0.01``: about 383 MB). The counters
+    are saved with the table; a resharded load gives every new shard the sum of the saved
+    shards' counters (early, never late).
+
+    Args:
+        min_count (int): occurrences needed (>= 1). Default: 2.
+        capacity (int): expected distinct IDs (>= 1).
+        fp_rate (float): target false-positive rate, in (0, 1). Default: 0.01.
+    """
+
+    def __init__(self, capacity: int, min_count: int = 2, fp_rate: float = 0.01):
+        check_positive_int(capacity, "capacity", where="BloomFilter")
+        check_positive_int(min_count, "min_count", where="BloomFilter")
+        fp_rate = _check_unit_interval("BloomFilter", "fp_rate", fp_rate, closed_high=False)
+        self.min_count, self.capacity, self.fp_rate = min_count, capacity, fp_rate
+        self.num_counters, self.num_hashes = bloom_size(capacity, fp_rate)
+        self._counters: Tensor | None = None
+
+    def positions(self, ids: Tensor, tags: Tensor | None) -> list[Tensor]:
+        """The ``k`` counter indices of each ID."""
+        base = tags if tags is not None else torch.zeros_like(ids)
+        return [torch.remainder(hash_keys(ids, base + (h + 1) * (1 << 24) + 7),
+                                self.num_counters) for h in range(self.num_hashes)]
+
+    @torch.no_grad()
+    def admit(self, store, ids, tags, counts):
+        if self._counters is None:
+            self._counters = torch.zeros(self.num_counters, dtype=torch.int32,
+                                         device=ids.device)
+        counters = self._counters
+        positions = self.positions(ids, tags)
+        for pos in positions:
+            counters.index_add_(0, pos, counts.to(counters.dtype))
+        estimate = torch.stack([counters[pos] for pos in positions]).min(0).values
+        return estimate >= self.min_count
+
+    def policy_state(self) -> dict[str, Tensor]:
+        return {} if self._counters is None else {"counters": self._counters}
+
+    def load_policy_state(self, state: dict[str, Tensor]) -> None:
+        unknown = set(state) - {"counters"}
+        if unknown:
+            raise ValueError(f"BloomFilter: unknown state {sorted(unknown)}")
+        counters = state.get("counters")
+        if counters is not None:
+            if tuple(counters.shape) != (self.num_counters,):
+                raise ValueError(f"BloomFilter: saved counters have shape "
+                                 f"{tuple(counters.shape)}, this policy ({self.num_counters},)"
+                                 " (capacity and fp_rate must match the saved run)")
+            self._counters = counters.to(torch.int32).clone()
+
+    @classmethod
+    def merge_policy_states(cls, states):
+        counters = [s["counters"].to(torch.int64).cpu() for s in states if "counters" in s]
+        if not counters:
             return {}
-        total = torch.stack(sketches).sum(0).clamp_(max=torch.iinfo(torch.int32).max)
-        return {"sketch": total.to(torch.int32)}
+        total = torch.stack(counters).sum(0).clamp_(max=torch.iinfo(torch.int32).max)
+        return {"counters": total.to(torch.int32)}
 
 
 @regist_admit("Probability")
