@@ -1,5 +1,6 @@
-"""Issue #10, second part: BloomFilter admission, MinCount with decaying counts; each against
-a small pure-Python reference model on random sequences, and their saved state."""
+"""Issue #10, second part: BloomFilter admission, MinCount with decaying counts, the Score
+filter, several filters on one table; each against a small pure-Python reference model on
+random sequences, and their saved state."""
 
 import math
 import random
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from recis.nn import HashTable
-from recis.nn.hashtable_hook import AdmitHook
+from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.nn.modules.hashtable_hook_impl import (
     BloomFilterAdmitHookImpl,
     MinCountAdmitHookImpl,
@@ -141,3 +142,217 @@ def test_bad_admission_params_are_named(params, message):
     with pytest.raises((ValueError, TypeError), match=message):
         HashTable([2], name="t")(torch.arange(3), hook)
 
+
+# -- Score -------------------------------------------------------------------------------------
+def first_column(slots):
+    return slots["embedding"][:, 0]
+
+
+class ScoreModel:
+    """Rows below ``min_score`` go, then the lowest (score, ID) beyond ``max_rows``."""
+
+    def __init__(self, max_rows=None, min_score=None):
+        self.max_rows, self.min_score, self.rows = max_rows, min_score, {}
+
+    def insert(self, ids, values):
+        for i, v in zip(ids, values, strict=True):
+            self.rows[i] = v
+
+    def filter(self):
+        if self.min_score is not None:
+            self.rows = {i: v for i, v in self.rows.items() if v >= self.min_score}
+        if self.max_rows is not None and len(self.rows) > self.max_rows:
+            order = sorted(self.rows, key=lambda i: (self.rows[i], i))
+            for i in order[:len(self.rows) - self.max_rows]:
+                del self.rows[i]
+        return set(self.rows)
+
+
+def _random_rows(rng, n, support=400):
+    ids = [rng.randrange(support) * 104729 - 10**7 for _ in range(n)]
+    scores = [float(rng.randrange(-5, 6)) for _ in range(n)]  # many ties
+    return ids, scores
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("params", [{"max_rows": 40}, {"min_score": 0.5},
+                                    {"max_rows": 30, "min_score": -2}])
+def test_score_filter_removes_exactly_the_reference_set(seed, params):
+    table = HashTable([3], name="t", filter_hook=FilterHook("Score",
+                                                            {"score": first_column, **params}))
+    ref = ScoreModel(**params)
+    rng = random.Random(seed)
+    for _ in range(6):
+        ids, scores = _random_rows(rng, rng.randrange(10, 60))
+        rows = torch.randn(len(ids), 3)
+        rows[:, 0] = torch.tensor(scores)
+        table.insert(torch.tensor(ids), rows)
+        last = {i: s for i, s in zip(ids, scores, strict=True)}  # last occurrence wins
+        ref.insert(list(last), list(last.values()))
+        table._filter_hook_impl.do_filter()
+        assert _ids(table) == ref.filter()
+
+
+def test_score_sees_every_slot_and_can_be_registered_by_name(tmp_path):
+    from recis.nn.modules.hashtable_hook_impl import regist_score
+
+    seen = []
+
+    @regist_score("test_oldest_first")
+    def oldest_first(slots):
+        seen.append(sorted(slots))
+        return slots["lru_stamp"].view(-1)
+
+    hooks = [FilterHook("LRU", {"max_rows": 1000}),
+             FilterHook("Score", {"score": "test_oldest_first", "max_rows": 3})]
+    table = HashTable([2], name="t", filter_hook=hooks)
+    for i in range(6):
+        table(torch.tensor([i]))
+    table._filter_hook_impl.do_filter()
+    assert _ids(table) == {3, 4, 5} and seen == [["embedding", "lru_stamp"]]
+    # the policy has no state: a restored table filters with the function it is built with
+    Saver(path=str(tmp_path / "c"), hashtables={"t": table}).save()
+    resumed = HashTable([2], name="t", filter_hook=hooks)
+    Loader(str(tmp_path / "c"), {"t": resumed}).load()
+    resumed(torch.tensor([3]))
+    table(torch.tensor([3]))
+    for t in (table, resumed):
+        t._filter_hook_impl[1].max_rows = 2
+        t._filter_hook_impl.do_filter()
+    assert _ids(resumed) == _ids(table) == {3, 5}
+    with pytest.raises(ValueError, match="already registered"):
+        regist_score("test_oldest_first", oldest_first)
+
+
+def test_hooks_with_score_functions_have_distinct_strs():
+    a = FilterHook("Score", {"score": first_column, "max_rows": 3})
+    b = FilterHook("Score", {"score": lambda s: -first_column(s), "max_rows": 3})
+    assert "first_column" in str(a) and str(a) != str(b) and a != b
+    assert a == FilterHook("Score", {"score": first_column, "max_rows": 3})
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"score": first_column}, "Score: give max_rows, min_score or both"),
+    ({"score": "no_such_score", "max_rows": 3}, "Score: unknown score function 'no_such_score'"),
+    ({"score": 3, "max_rows": 3}, "Score: score must be a callable"),
+    ({"score": first_column, "max_rows": 0}, "Score: max_rows"),
+    ({"score": first_column, "min_score": float("nan")}, "Score: min_score must be a number"),
+])
+def test_bad_score_params_are_named(params, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        HashTable([2], name="t", filter_hook=FilterHook("Score", params))
+
+
+def test_a_score_of_the_wrong_shape_is_named():
+    table = HashTable([2], name="t", filter_hook=FilterHook(
+        "Score", {"score": lambda s: s["embedding"], "max_rows": 1}))
+    table(torch.arange(3))
+    with pytest.raises(ValueError, match="one per row"):
+        table._filter_hook_impl.do_filter()
+
+
+# -- several filters on one table --------------------------------------------------------------
+class ChainModel:
+    """GlobalStepFilter stamps, LRU stamps and a score per row; filters applied in order."""
+
+    def __init__(self, order, filter_step, max_rows, min_score):
+        self.order, self.filter_step, self.max_rows, self.min_score = (order, filter_step,
+                                                                      max_rows, min_score)
+        self.step, self.clock, self.rows = 0, 0, {}  # id -> [step stamp, lru stamp, score]
+
+    def lookup(self, ids, scores):
+        self.clock += 1
+        for i in ids:
+            self.rows.setdefault(i, [0, 0, scores[i]])[:2] = [self.step, self.clock]
+
+    def filter(self):
+        for name in self.order:
+            if name == "GlobalStepFilter":
+                self.rows = {i: r for i, r in self.rows.items()
+                             if r[0] >= self.step - self.filter_step}
+            elif name == "LRU" and len(self.rows) > self.max_rows:
+                order = sorted(self.rows, key=lambda i: (self.rows[i][1], i))
+                for i in order[:len(self.rows) - self.max_rows]:
+                    del self.rows[i]
+            elif name == "Score":
+                self.rows = {i: r for i, r in self.rows.items() if r[2] >= self.min_score}
+        return set(self.rows)
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("order", [("GlobalStepFilter", "LRU"), ("LRU", "Score"),
+                                   ("Score", "LRU"), ("GlobalStepFilter", "Score", "LRU")])
+def test_filters_run_in_list_order_like_the_reference(seed, order):
+    from recis.hooks.filter_hook import HashTableFilterHook
+
+    def score_of(i):
+        return float((i * 7) % 5)  # a fixed score per ID, stored as its first column
+
+    params = {"GlobalStepFilter": {"filter_step": 6}, "LRU": {"max_rows": 40},
+              "Score": {"score": first_column, "min_score": 2.0}}
+    table = HashTable([2], name="t", filter_hook=[FilterHook(n, params[n]) for n in order])
+    driver = HashTableFilterHook(filter_interval=5, tables=[table])
+    ref = ChainModel(order, 6, 40, 2.0)
+    for step, batch in enumerate(_sequence(seed, steps=50, support=150)):
+        uniq = sorted(set(batch))
+        new = [i for i in uniq if i not in ref.rows]
+        table(torch.tensor(batch))
+        if new:  # give new IDs their score (insert stamps like a lookup, so do it in the same
+            rows = torch.zeros(len(new), 2)  # lookup: stamp again below in the reference)
+            rows[:, 0] = torch.tensor([score_of(i) for i in new])
+            table.insert(torch.tensor(new), rows)
+        ref.lookup(uniq, {i: score_of(i) for i in uniq})
+        if new:
+            ref.clock += 1
+            for i in new:
+                ref.rows[i][1] = ref.clock
+        ref.step += 1
+        driver.after_step(global_step=step)
+        if step and step % 5 == 0:
+            assert _ids(table) == ref.filter(), f"step {step}"
+
+
+def test_several_filters_save_and_restore_each_state(tmp_path):
+    hooks = [FilterHook("GlobalStepFilter", {"filter_step": 8}),
+             FilterHook("LFU", {"max_rows": 40, "decay": 0.9})]
+    seq = _sequence(3)
+
+    def run(table, batches, start):
+        for n, batch in enumerate(batches, start=start):
+            table(torch.tensor(batch))
+            table._filter_hook_impl.update_step()
+            if n % 5 == 4:
+                table._filter_hook_impl.do_filter()
+            if n == 29 and start == 0:  # after the step's filter run: the resumed run
+                Saver(path=str(tmp_path / "c"), hashtables={"t": table}).save()  # starts at 30
+
+    straight = HashTable([2], name="t", filter_hook=hooks)
+    run(straight, seq, 0)
+    resumed = HashTable([2], name="t", filter_hook=hooks)
+    Loader(str(tmp_path / "c"), {"t": resumed}).load()
+    assert set(resumed.store.policy_states()) == {
+        "filter:GlobalStepFilter:step_filter", "filter:LFU:lfu"}
+    run(resumed, seq[30:], 30)
+    assert _ids(resumed) == _ids(straight)
+
+
+def test_filter_hook_lists_in_tables_and_options():
+    from recis.nn import EmbeddingOption
+
+    single = HashTable([2], name="t", filter_hook=FilterHook("LRU", {"max_rows": 2}))
+    assert single.filter_hook == FilterHook("LRU", {"max_rows": 2})
+    assert type(single._filter_hook_impl).__name__ == "LRUFilterHookImpl"  # as before
+    hooks = [FilterHook("LRU", {"max_rows": 2}), FilterHook("L2Norm", {"min_norm": 0.5})]
+    opt = EmbeddingOption(embedding_dim=2, filter_hook=tuple(hooks))
+    assert opt.filter_hook == hooks and "L2Norm" in opt.coalesced_info()
+    with pytest.raises(TypeError, match="non-empty list of FilterHooks"):
+        EmbeddingOption(embedding_dim=2, filter_hook=[hooks[0], "LRU"])
+    with pytest.raises(TypeError, match="non-empty list of FilterHooks"):
+        HashTable([2], name="t", filter_hook=[])
+    with pytest.raises(ValueError, match="max_rows"):
+        EmbeddingOption(embedding_dim=2, filter_hook=[FilterHook("LRU", {"max_rows": 0})])
+    with pytest.raises(ValueError, match="already attached"):
+        HashTable([2], name="t", filter_hook=[hooks[0], hooks[0]])
+    table = HashTable([2], name="t", filter_hook=hooks)
+    copy = __import__("copy").deepcopy(table)
+    assert [p.table for p in copy._filter_hook_impl] == [copy, copy]  # a copy serves the copy

@@ -15,7 +15,7 @@ classes and creates them for tables. Add a policy without touching the library::
 
 Built in: admission ``"ReadOnly"``, ``"MinCount"`` (count-min sketch, optionally decaying),
 ``"BloomFilter"`` (counting Bloom filter) and ``"Probability"``; filters
-``"GlobalStepFilter"``, ``"LRU"``, ``"LFU"`` and ``"L2Norm"``.
+``"GlobalStepFilter"``, ``"LRU"``, ``"LFU"``, ``"L2Norm"`` and ``"Score"``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ __all__ = [
     "LRUFilterHookImpl",
     "LFUFilterHookImpl",
     "L2NormFilterHookImpl",
+    "ScoreFilterHookImpl",
+    "FilterChain",
+    "filter_hooks",
+    "regist_score",
     "bloom_size",
     "HashtableHookFactory",
     "regist_admit",
@@ -726,6 +730,158 @@ class L2NormFilterHookImpl(BaseFilterHookImpl):
 
     def extra_repr(self) -> str:
         return f"min_norm={self.min_norm}"
+
+
+_SCORE_FUNCTIONS: dict[str, Callable[[dict[str, Tensor]], Tensor]] = {}
+
+
+def regist_score(name: str, fn: Callable | None = None) -> Callable:
+    """Register a score function for the ``"Score"`` filter under ``name`` (usable as a
+    decorator), so that a hook can name it: ``FilterHook("Score", {"score": name, ...})``."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"score function name must be a non-empty str, got {name!r}")
+
+    def add(f: Callable) -> Callable:
+        if not callable(f):
+            raise TypeError(f"a score function must be callable, got {f!r}")
+        if name in _SCORE_FUNCTIONS:
+            raise ValueError(f"a score function is already registered under the name {name!r}")
+        _SCORE_FUNCTIONS[name] = f
+        return f
+
+    return add if fn is None else add(fn)
+
+
+def _score_function(score: Any) -> Callable:
+    if isinstance(score, str):
+        try:
+            return _SCORE_FUNCTIONS[score]
+        except KeyError:
+            raise ValueError(f"Score: unknown score function {score!r}; registered: "
+                             f"{sorted(_SCORE_FUNCTIONS)}") from None
+    if not callable(score):
+        raise TypeError(f"Score: score must be a callable or the name of a registered score "
+                        f"function, got {score!r}")
+    return score
+
+
+@regist_filter("Score")
+class ScoreFilterHookImpl(BaseFilterHookImpl):
+    """Remove the rows a user function scores lowest, at each filter run.
+
+    ``score(slots)`` gets ``{slot name: values}`` of the live rows (``"embedding"``, optimizer
+    state, other policies' slots: ``[n, *row_shape]`` each, in the same row order) and returns
+    one score per row (``n`` numbers, no NaN). A run removes the rows scoring below
+    ``min_score``, then the lowest beyond ``max_rows``; ties are broken by child then ID,
+    lowest first (as LRU's). At least one of ``min_score`` and ``max_rows`` is needed.
+
+    The function itself is not saved in checkpoints (the policy has no state): a restored
+    table uses the function of the hook it is built with. To name the function in a
+    configuration, register it with :func:`regist_score` and pass its name.
+
+    Args:
+        score (callable or str): the function, or the name of a registered one.
+        max_rows (int, optional): rows kept after a run (> 0).
+        min_score (float, optional): rows scoring below it are removed.
+        name (str): the policy's name. Default: ``"score"``.
+    """
+
+    def __init__(self, table: HashTable, score: Any, max_rows: int | None = None,
+                 min_score: float | None = None, name: str = "score"):
+        self.check_params(score=score, max_rows=max_rows, min_score=min_score, name=name)
+        super().__init__(table, name)
+        self.score_fn = _score_function(score)
+        self.max_rows = max_rows
+        self.min_score = None if min_score is None else float(min_score)
+
+    @classmethod
+    def check_params(cls, score: Any = None, max_rows: int | None = None,
+                     min_score: float | None = None, name: str = "score") -> None:
+        _score_function(score)
+        if max_rows is None and min_score is None:
+            raise ValueError("Score: give max_rows, min_score or both")
+        if max_rows is not None:
+            check_positive_int(max_rows, "max_rows", where="Score")
+        if min_score is not None and (isinstance(min_score, bool) or not isinstance(
+                min_score, (int, float)) or math.isnan(min_score)):
+            raise ValueError(f"Score: min_score must be a number, got {min_score!r}")
+        check_slot_name(name, "Score")
+
+    def scores(self, rows: Tensor) -> Tensor:
+        """The score of each of ``rows`` (float64)."""
+        store = self.table.store
+        slots = {n: store.read(n, rows) for n in store.slot_names}
+        out = self.score_fn(slots)
+        if not isinstance(out, Tensor) or out.numel() != rows.numel():
+            raise ValueError(f"Score: the score function must return a Tensor of "
+                             f"{rows.numel()} scores (one per row), got "
+                             f"{getattr(out, 'shape', type(out).__name__)}")
+        out = out.detach().reshape(-1).to(torch.float64)
+        if bool(torch.isnan(out).any()):
+            raise ValueError("Score: the score function returned NaN")
+        return out
+
+    def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
+        score = self.scores(rows).to(ids.device)
+        remove = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
+        if self.min_score is not None:
+            remove = score < self.min_score
+        if self.max_rows is not None:
+            kept = (~remove).nonzero().squeeze(1)
+            beyond = worst_beyond(self.max_rows, [score[kept], tags[kept], ids[kept]])
+            remove[kept[beyond]] = True
+        return remove
+
+    def extra_repr(self) -> str:
+        return (f"score={getattr(self.score_fn, '__name__', self.score_fn)!r}, "
+                f"max_rows={self.max_rows}, min_score={self.min_score}")
+
+
+class FilterChain(nn.Module):
+    """Several filter policies of one table, applied in order: a run of :meth:`do_filter`
+    runs each policy's filter on the rows the previous ones left."""
+
+    def __init__(self, policies: list[BaseFilterHookImpl]):
+        super().__init__()
+        self.policies = nn.ModuleList(policies)
+
+    def bind(self, table: HashTable) -> None:
+        for policy in self.policies:
+            policy.bind(table)
+
+    def __len__(self) -> int:
+        return len(self.policies)
+
+    def __iter__(self):
+        return iter(self.policies)
+
+    def __getitem__(self, index: int) -> BaseFilterHookImpl:
+        return self.policies[index]
+
+    def update_step(self, step_size: int = 1) -> None:
+        for policy in self.policies:
+            policy.update_step(step_size)
+
+    def do_filter(self) -> int:
+        return sum(policy.do_filter() for policy in self.policies)
+
+    def forward(self, rows: Tensor) -> None:
+        for policy in self.policies:
+            policy.update(rows)
+
+
+def filter_hooks(filter_hook: Any, where: str = "filter_hook") -> list[FilterHook]:
+    """The hooks of a ``filter_hook`` argument: None, a FilterHook, or a non-empty list (or
+    tuple) of them (applied in order)."""
+    if filter_hook is None:
+        return []
+    if isinstance(filter_hook, FilterHook):
+        return [filter_hook]
+    if isinstance(filter_hook, (list, tuple)) and filter_hook and all(
+            isinstance(h, FilterHook) for h in filter_hook):
+        return list(filter_hook)
+    raise TypeError(f"{where} must be a FilterHook or a non-empty list of FilterHooks, got "
+                    f"{filter_hook!r}")
 
 
 class HashtableHookFactory:
