@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from test_lifecycle_policies import LFUModel, LRUModel
 
 from recis.nn import HashTable
 from recis.nn.hashtable_hook import AdmitHook, FilterHook
@@ -356,3 +357,62 @@ def test_filter_hook_lists_in_tables_and_options():
     table = HashTable([2], name="t", filter_hook=hooks)
     copy = __import__("copy").deepcopy(table)
     assert [p.table for p in copy._filter_hook_impl] == [copy, copy]  # a copy serves the copy
+
+
+# -- a hard cap at insert time -----------------------------------------------------------------
+class CappedModel:
+    """LRU or LFU reference with the cap applied before new IDs get rows: the worst rows not
+    used by the same lookup go first."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def rows(self):
+        return self.inner.stamp if hasattr(self.inner, "stamp") else self.inner.rows
+
+    def lookup(self, ids):
+        uniq, rows = set(ids), self.rows()
+        excess = len(rows) + len(uniq - set(rows)) - self.inner.max_rows
+        if excess > 0:
+            if hasattr(self.inner, "stamp"):
+                key = lambda i: (rows[i], i)  # noqa: E731
+            else:
+                key = lambda i: (*self.inner._freq(i), i)  # noqa: E731
+            for i in sorted((i for i in rows if i not in uniq), key=key)[:excess]:
+                del rows[i]
+        self.inner.lookup(ids)
+
+    def step(self):
+        self.inner.step()
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("policy, params, model", [
+    ("LRU", {"max_rows": 30}, lambda: LRUModel(30)),
+    ("LFU", {"max_rows": 30, "decay": 0.8}, lambda: LFUModel(30, 0.8)),
+])
+def test_cap_on_insert_keeps_exactly_the_reference_set(seed, policy, params, model):
+    table = HashTable([2], name="t",
+                      filter_hook=FilterHook(policy, {**params, "cap_on_insert": True}))
+    ref = CappedModel(model())
+    for n, batch in enumerate(_sequence(seed)):
+        if n % 4 == 3:  # an insert is capped like a lookup
+            table.insert(torch.tensor(batch), torch.ones(len(batch), 2))
+        else:
+            table(torch.tensor(batch))
+        ref.lookup(batch)
+        table._filter_hook_impl.update_step()
+        ref.step()
+        assert _ids(table) == set(ref.rows()), f"step {n}"
+        assert len(table) <= max(params["max_rows"], len(set(batch)))
+
+
+def test_cap_on_insert_with_admission_counts_only_admitted_ids():
+    table = HashTable([2], name="t",
+                      filter_hook=FilterHook("LRU", {"max_rows": 3, "cap_on_insert": True}))
+    hook = AdmitHook("MinCount", {"min_count": 2})
+    table(torch.tensor([1, 1, 2, 2, 3, 3]), hook)
+    table(torch.tensor([4, 5]), hook)  # not admitted: nothing removed
+    assert _ids(table) == {1, 2, 3}
+    table(torch.tensor([4, 1]), hook)  # 4 admitted: the least recent other than 1 goes
+    assert _ids(table) == {1, 3, 4}

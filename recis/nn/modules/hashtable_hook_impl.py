@@ -572,9 +572,11 @@ def worst_beyond(max_rows: int, keys: list[Tensor]) -> Tensor:
     return remove
 
 
-def _check_max_rows(where: str, max_rows: Any, name: str) -> None:
+def _check_max_rows(where: str, max_rows: Any, name: str, cap_on_insert: Any = False) -> None:
     check_positive_int(max_rows, "max_rows", where=where)
     check_slot_name(name, where)
+    if not isinstance(cap_on_insert, bool):
+        raise TypeError(f"{where}: cap_on_insert must be a bool, got {cap_on_insert!r}")
 
 
 class _ClockFilter(BaseFilterHookImpl):
@@ -600,8 +602,38 @@ class _ClockFilter(BaseFilterHookImpl):
         return {"clock": torch.stack(clocks).max().reshape(1)} if clocks else {}
 
 
+class _CapacityFilter(_ClockFilter):
+    """Keeps at most ``max_rows`` rows, removing the first in :meth:`order_keys` order (the
+    first key decides, the next ones break its ties, lowest first): at filter runs, and with
+    ``cap_on_insert`` also before new IDs get rows."""
+
+    max_rows: int
+    cap_on_insert: bool = False
+
+    def order_keys(self, ids: Tensor, tags: Tensor, rows: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
+        return worst_beyond(self.max_rows, self.order_keys(ids, tags, rows))
+
+    @torch.no_grad()
+    def make_room(self, store: TableStore, new: int, keep: Tensor) -> None:
+        if not self.cap_on_insert:
+            return
+        ids, tags, rows = store.items()
+        excess = ids.numel() + new - self.max_rows
+        if excess <= 0:
+            return
+        others = ~torch.isin(rows, keep)
+        ids, tags, rows = ids[others], tags[others], rows[others]
+        n = min(excess, ids.numel())
+        if n:
+            remove = worst_beyond(ids.numel() - n, self.order_keys(ids, tags, rows))
+            store.remove(ids[remove], tags[remove])
+
+
 @regist_filter("LRU")
-class LRUFilterHookImpl(_ClockFilter):
+class LRUFilterHookImpl(_CapacityFilter):
     """Keep at most ``max_rows`` rows: a filter run removes the least recently used beyond it.
 
     Every training lookup (and :meth:`HashTable.insert`) that touches a row stamps it with the
@@ -613,16 +645,26 @@ class LRUFilterHookImpl(_ClockFilter):
         max_rows (int): rows kept after a filter run (> 0); under sharding, rows of this
             rank's shard.
         name (str): the slot holding each row's stamp. Default: ``"lru_stamp"``.
+        cap_on_insert (bool): also a hard cap: before a training lookup or
+            :meth:`HashTable.insert` gives new IDs rows, the least recently used rows that
+            the same call does not use are removed so that at most ``max_rows`` remain (more
+            only if one call uses more IDs), as TorchRec's managed collisions do.
+            Default: False.
     """
 
-    def __init__(self, table: HashTable, max_rows: int, name: str = "lru_stamp"):
-        self.check_params(max_rows=max_rows, name=name)
+    def __init__(self, table: HashTable, max_rows: int, name: str = "lru_stamp",
+                 cap_on_insert: bool = False):
+        self.check_params(max_rows=max_rows, name=name, cap_on_insert=cap_on_insert)
         super().__init__(table, name)
-        self.max_rows = max_rows
+        self.max_rows, self.cap_on_insert = max_rows, cap_on_insert
 
     @classmethod
-    def check_params(cls, max_rows: int = 1, name: str = "lru_stamp") -> None:
-        _check_max_rows("LRU", max_rows, name)
+    def check_params(cls, max_rows: int = 1, name: str = "lru_stamp",
+                     cap_on_insert: bool = False) -> None:
+        _check_max_rows("LRU", max_rows, name, cap_on_insert)
+
+    def order_keys(self, ids: Tensor, tags: Tensor, rows: Tensor) -> list[Tensor]:
+        return [self.table.store.read(self._name, rows).view(-1), tags, ids]
 
     def slot_specs(self) -> list[SlotSpec]:
         return [SlotSpec(self._name, (1,), torch.int64, 0)]
@@ -632,16 +674,13 @@ class LRUFilterHookImpl(_ClockFilter):
             self._clock += 1
             store.write(self._name, rows, self._clock.view(1, 1))
 
-    def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
-        stamps = self.table.store.read(self._name, rows).view(-1)
-        return worst_beyond(self.max_rows, [stamps, tags, ids])
-
     def extra_repr(self) -> str:
-        return f"max_rows={self.max_rows}, name={self._name!r}"
+        return f"max_rows={self.max_rows}, name={self._name!r}, " \
+            f"cap_on_insert={self.cap_on_insert}"
 
 
 @regist_filter("LFU")
-class LFUFilterHookImpl(_ClockFilter):
+class LFUFilterHookImpl(_CapacityFilter):
     """Keep at most ``max_rows`` rows: a filter run removes the least frequently used beyond
     it.
 
@@ -657,16 +696,23 @@ class LFUFilterHookImpl(_ClockFilter):
             rank's shard.
         decay (float): weight kept per step, in (0, 1]. Default: 1.
         name (str): prefix of the slots ``<name>_count`` and ``<name>_step``. Default: ``"lfu"``.
+        cap_on_insert (bool): also a hard cap: before a training lookup or
+            :meth:`HashTable.insert` gives new IDs rows, the least frequently used rows that
+            the same call does not use are removed so that at most ``max_rows`` remain (more
+            only if one call uses more IDs). Default: False.
     """
 
-    def __init__(self, table: HashTable, max_rows: int, decay: float = 1.0, name: str = "lfu"):
-        self.check_params(max_rows=max_rows, decay=decay, name=name)
+    def __init__(self, table: HashTable, max_rows: int, decay: float = 1.0, name: str = "lfu",
+                 cap_on_insert: bool = False):
+        self.check_params(max_rows=max_rows, decay=decay, name=name,
+                          cap_on_insert=cap_on_insert)
         super().__init__(table, name)
-        self.max_rows, self.decay = max_rows, float(decay)
+        self.max_rows, self.decay, self.cap_on_insert = max_rows, float(decay), cap_on_insert
 
     @classmethod
-    def check_params(cls, max_rows: int = 1, decay: float = 1.0, name: str = "lfu") -> None:
-        _check_max_rows("LFU", max_rows, name)
+    def check_params(cls, max_rows: int = 1, decay: float = 1.0, name: str = "lfu",
+                     cap_on_insert: bool = False) -> None:
+        _check_max_rows("LFU", max_rows, name, cap_on_insert)
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or \
                 not 0 < decay <= 1:
             raise ValueError(f"LFU: decay must be a number in (0, 1], got {decay!r}")
@@ -694,12 +740,13 @@ class LFUFilterHookImpl(_ClockFilter):
     def update_step(self, step_size: int = 1) -> None:
         self._clock += step_size
 
-    def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
+    def order_keys(self, ids: Tensor, tags: Tensor, rows: Tensor) -> list[Tensor]:
         count, last = self._frequency(rows)
-        return worst_beyond(self.max_rows, [count, last, tags, ids])
+        return [count, last, tags, ids]
 
     def extra_repr(self) -> str:
-        return f"max_rows={self.max_rows}, decay={self.decay}, name={self._name!r}"
+        return f"max_rows={self.max_rows}, decay={self.decay}, name={self._name!r}, " \
+            f"cap_on_insert={self.cap_on_insert}"
 
 
 @regist_filter("L2Norm")
