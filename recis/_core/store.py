@@ -269,6 +269,8 @@ class TableStore:
         """Row of each key, inserting absent keys (their rows hold every slot's default)."""
         with self.lock.write():
             uniq, uniq_tags, inverse = self._backend.unique_with_inverse(ids, tags)
+            if not self._capping():
+                return self._insert(uniq, uniq_tags)[inverse]
             rows = self._map.lookup(uniq, uniq_tags)
             self._make_room(rows)
             return self._insert(uniq, uniq_tags, rows)[inverse]
@@ -315,12 +317,21 @@ class TableStore:
     def _make_room(self, rows: Tensor, new: int | None = None) -> None:
         """Before inserting ``new`` keys (default: the -1 entries of ``rows``, a batch's rows)
         let the policies make room, keeping the batch's valid rows."""
+        capping = self._capping()
+        if not capping:
+            return
         if new is None:
             new = int((rows < 0).sum())
         if new:
             keep = rows[rows >= 0]
-            for policy in list(self._policies.values()):
+            for policy in capping:
                 policy.make_room(self, new, keep)
+
+    def _capping(self) -> list[TablePolicy]:
+        """The attached policies that define :meth:`~TablePolicy.make_room` (no others: a
+        table without them pays nothing before inserts)."""
+        return [p for p in self._policies.values()
+                if type(p).make_room is not TablePolicy.make_room]
 
     def touch(self, rows: Tensor) -> None:
         """Let the policies see ``rows`` (unique, valid) as used now, and mark them written."""
