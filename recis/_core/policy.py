@@ -4,7 +4,8 @@ A policy is attached to a :class:`~recis._core.store.TableStore` under a key. Th
 
 * declares the policy's per-row metadata slots (:meth:`TablePolicy.slot_specs`), which live,
   move, reset and checkpoint with the rows;
-* calls :meth:`TablePolicy.on_touch` with the rows every training lookup and insert touched;
+* calls :meth:`TablePolicy.on_touch` with the rows every training lookup and insert touched,
+  and :meth:`TablePolicy.make_room` before they insert new keys;
 * saves and restores the policy's own state (a clock, a sketch: :meth:`policy_state`) with the
   table, on every path: checkpoints (exact and resharded loads), ``state_dict`` copies.
 
@@ -33,6 +34,11 @@ class TablePolicy:
 
     def on_touch(self, store: TableStore, rows: Tensor) -> None:
         """``rows`` (unique, valid) were used by a training lookup or written by an insert."""
+
+    def make_room(self, store: TableStore, new: int, keep: Tensor) -> None:
+        """``new`` keys are about to get rows (a training lookup or an insert; called under
+        the write lock): a policy that caps the table may remove rows now, never ``keep`` (the
+        rows the same lookup uses). Default: nothing."""
 
     def policy_state(self) -> dict[str, Tensor]:
         """The policy's own state as tensors, saved and restored with the table."""

@@ -269,7 +269,11 @@ class TableStore:
         """Row of each key, inserting absent keys (their rows hold every slot's default)."""
         with self.lock.write():
             uniq, uniq_tags, inverse = self._backend.unique_with_inverse(ids, tags)
-            return self._insert(uniq, uniq_tags)[inverse]
+            if not self._capping():
+                return self._insert(uniq, uniq_tags)[inverse]
+            rows = self._map.lookup(uniq, uniq_tags)
+            self._make_room(rows)
+            return self._insert(uniq, uniq_tags, rows)[inverse]
 
     def resolve(self, ids: Tensor, tags: Tensor | None = None, *, training: bool,
                 admit: TablePolicy | None = None, count: bool = False,
@@ -295,6 +299,7 @@ class TableStore:
             if not training or (admit is not None and not admitting):
                 rows = found
             elif admit is None:
+                self._make_room(found)
                 rows = self._insert(uniq, uniq_tags, found)
             else:
                 rows = found
@@ -302,11 +307,31 @@ class TableStore:
                 if missing.numel():
                     miss_tags = None if uniq_tags is None else uniq_tags[missing]
                     take = missing[admit.admit(self, uniq[missing], miss_tags, counts[missing])]
+                    self._make_room(rows, take.numel())
                     rows[take] = self._insert(
                         uniq[take], None if uniq_tags is None else uniq_tags[take])
             if training:
                 self._touch(rows if admit is None else rows[rows >= 0])
             return Resolved(rows, inverse, counts)
+
+    def _make_room(self, rows: Tensor, new: int | None = None) -> None:
+        """Before inserting ``new`` keys (default: the -1 entries of ``rows``, a batch's rows)
+        let the policies make room, keeping the batch's valid rows."""
+        capping = self._capping()
+        if not capping:
+            return
+        if new is None:
+            new = int((rows < 0).sum())
+        if new:
+            keep = rows[rows >= 0]
+            for policy in capping:
+                policy.make_room(self, new, keep)
+
+    def _capping(self) -> list[TablePolicy]:
+        """The attached policies that define :meth:`~TablePolicy.make_room` (no others: a
+        table without them pays nothing before inserts)."""
+        return [p for p in self._policies.values()
+                if type(p).make_room is not TablePolicy.make_room]
 
     def touch(self, rows: Tensor) -> None:
         """Let the policies see ``rows`` (unique, valid) as used now, and mark them written."""

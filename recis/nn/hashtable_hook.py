@@ -35,6 +35,13 @@ from typing import Any
 __all__ = ["BaseHook", "AdmitHook", "FilterHook"]
 
 
+def _describe(value: Any) -> str:
+    """JSON stand-in for a param that is not JSON (e.g. a ``Score`` filter's function): its
+    name and identity, so that hooks with different functions differ."""
+    name = getattr(value, "__qualname__", type(value).__qualname__)
+    return f"<{getattr(value, '__module__', '?')}.{name} at {id(value):#x}>"
+
+
 class BaseHook:
     """A policy name plus its parameters.
 
@@ -62,7 +69,8 @@ class BaseHook:
         return self._params
 
     def __str__(self) -> str:
-        return json.dumps({"name": self._name, "params": self._params}, sort_keys=True)
+        return json.dumps({"name": self._name, "params": self._params}, sort_keys=True,
+                          default=_describe)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._name!r}, {self._params!r})"

@@ -16,7 +16,7 @@ from recis.nn.functional.embedding_ops import COMBINERS, bag_reduce, table_bag_r
 from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.nn.initializers import ConstantInitializer, Initializer
 from recis.nn.modules.hashtable import HashTable, Lookup, check_ids, gen_slice
-from recis.nn.modules.hashtable_hook_impl import HashtableHookFactory
+from recis.nn.modules.hashtable_hook_impl import HashtableHookFactory, filter_hooks
 from recis.ragged.tensor import RaggedTensor
 from recis.utils.checks import check_device, check_positive_int
 
@@ -47,7 +47,7 @@ class EmbeddingOption:
     combiner: str = "sum"  # "sum", "mean" or "tile"
     combiner_kwargs: dict | None = None  # tile: {"tile_len": n}
     grad_reduce_by: str = "worker"  # "worker": sum over occurrences; "id": mean
-    filter_hook: FilterHook | None = None  # eviction policy
+    filter_hook: FilterHook | list[FilterHook] | None = None  # eviction policy (list: in order)
     admit_hook: AdmitHook | None = None  # admission policy
     fp16_enabled: bool = False  # int8 tables only: reduce in fp16 instead of fp32
 
@@ -79,9 +79,11 @@ class EmbeddingOption:
                 f"grad_reduce_by must be 'worker' or 'id', got {self.grad_reduce_by!r}"
             )
         if self.filter_hook is not None:
+            hooks = filter_hooks(self.filter_hook)
             if not isinstance(self.filter_hook, FilterHook):
-                raise TypeError(f"filter_hook must be a FilterHook, got {self.filter_hook!r}")
-            HashtableHookFactory.check_hook(self.filter_hook)
+                self.filter_hook = hooks  # a list, applied in its order
+            for hook in hooks:
+                HashtableHookFactory.check_hook(hook)
         if self.admit_hook is not None:
             if not isinstance(self.admit_hook, AdmitHook):
                 raise TypeError(f"admit_hook must be an AdmitHook, got {self.admit_hook!r}")
@@ -102,7 +104,8 @@ class EmbeddingOption:
                 "device": self.device.type,
                 "initializer": str(self.initializer),
                 "grad_reduce_by": self.grad_reduce_by,
-                "filter_hook": str(self.filter_hook),
+                "filter_hook": str(self.filter_hook) if not isinstance(self.filter_hook, list)
+                else [str(h) for h in self.filter_hook],
                 "block_size": self.block_size,
             },
             sort_keys=True,

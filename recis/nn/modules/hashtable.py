@@ -23,7 +23,9 @@ from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.nn.initializers import ConstantInitializer, Initializer
 from recis.nn.modules.hashtable_hook_impl import (
     BaseAdmitHookImpl,
+    FilterChain,
     HashtableHookFactory,
+    filter_hooks,
     policy_key,
 )
 from recis.utils.checks import check_device, check_positive_int
@@ -187,7 +189,9 @@ class HashTable(nn.Module):
         name (str, optional): table name, also its key in ``state_dict``. Default: "hashtable".
         grad_reduce_by (str, optional): ``"worker"`` sums the gradient over occurrences of an ID
             (a sharded lookup divides it by the world size); ``"id"`` averages it.
-        filter_hook (FilterHook, optional): eviction policy, e.g. ``GlobalStepFilter``.
+        filter_hook (FilterHook or list of FilterHook, optional): eviction policy, e.g.
+            ``GlobalStepFilter``; a list applies its policies in order at each filter run
+            (each sees the rows the previous ones left), each with its own slots and state.
 
     Shape:
         - Input: IDs of any shape ``(*)``, int64 (other integer dtypes are converted).
@@ -223,7 +227,7 @@ class HashTable(nn.Module):
         initializer: Initializer | None = None,
         name: str = "hashtable",
         grad_reduce_by: str = "worker",
-        filter_hook: FilterHook | None = None,
+        filter_hook: FilterHook | list[FilterHook] | None = None,
     ):
         super().__init__()
         if isinstance(embedding_shape, int) and not isinstance(embedding_shape, bool):
@@ -256,8 +260,7 @@ class HashTable(nn.Module):
             initializer = ConstantInitializer(0.0)
         if not hasattr(initializer, "generate_rows"):
             raise TypeError(f"initializer must be a recis Initializer, got {initializer!r}")
-        if filter_hook is not None and not isinstance(filter_hook, FilterHook):
-            raise TypeError(f"filter_hook must be a FilterHook, got {type(filter_hook).__name__}")
+        hooks = filter_hooks(filter_hook)
         if slice is not None and not isinstance(slice, Slice):
             raise TypeError(f"slice must be a Slice, got {type(slice).__name__}")
 
@@ -282,11 +285,14 @@ class HashTable(nn.Module):
         self.grad_pending = False
         self._deferred: list[Callable[[], None]] = []  # gradients still on the wire
         self._backward_holder = torch.zeros(1, requires_grad=True)
-        self._filter_hook = filter_hook
-        if filter_hook is not None:
-            self._filter_hook_impl = HashtableHookFactory.create_filter_hook(self, filter_hook)
-            self.store.attach_policy(policy_key(filter_hook, self._filter_hook_impl),
-                                     self._filter_hook_impl)
+        self._filter_hook = list(filter_hook) if isinstance(filter_hook, tuple) else filter_hook
+        impls = [HashtableHookFactory.create_filter_hook(self, hook) for hook in hooks]
+        for hook, impl in zip(hooks, impls, strict=True):
+            self.store.attach_policy(policy_key(hook, impl), impl)
+        if isinstance(filter_hook, FilterHook):
+            self._filter_hook_impl = impls[0]
+        elif impls:  # a list: applied in its order
+            self._filter_hook_impl = FilterChain(impls)
         else:
             self._filter_hook_impl = nn.Identity()
         self._register_state_dict_hook(_put_table_in_state_dict)
@@ -330,7 +336,7 @@ class HashTable(nn.Module):
         return self._grad_reduce_by
 
     @property
-    def filter_hook(self) -> FilterHook | None:
+    def filter_hook(self) -> FilterHook | list[FilterHook] | None:
         return self._filter_hook
 
     @property

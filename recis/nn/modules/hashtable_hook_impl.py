@@ -13,8 +13,9 @@ classes and creates them for tables. Add a policy without touching the library::
 
     FilterHook("DropOddIds")  # now usable in HashTable / EmbeddingOption
 
-Built in: admission ``"ReadOnly"``, ``"MinCount"`` and ``"Probability"``; filters
-``"GlobalStepFilter"``, ``"LRU"``, ``"LFU"`` and ``"L2Norm"``.
+Built in: admission ``"ReadOnly"``, ``"MinCount"`` (count-min sketch, optionally decaying),
+``"BloomFilter"`` (counting Bloom filter) and ``"Probability"``; filters
+``"GlobalStepFilter"``, ``"LRU"``, ``"LFU"``, ``"L2Norm"`` and ``"Score"``.
 """
 
 from __future__ import annotations
@@ -48,11 +49,18 @@ __all__ = [
     "ReadOnlyHookImpl",
     "GlobalStepFilterHookImpl",
     "ProbabilityAdmitHookImpl",
+    "MinCountAdmitHookImpl",
+    "BloomFilterAdmitHookImpl",
     "LRUFilterHookImpl",
     "LFUFilterHookImpl",
     "L2NormFilterHookImpl",
     "MemoryBudgetFilterHookImpl",
     "parse_bytes",
+    "ScoreFilterHookImpl",
+    "FilterChain",
+    "filter_hooks",
+    "regist_score",
+    "bloom_size",
     "HashtableHookFactory",
     "regist_admit",
     "regist_filter",
@@ -188,6 +196,23 @@ def count_min_admit(sketch: Tensor, ids: Tensor, tags: Tensor | None, counts: Te
     return estimate >= min_count
 
 
+def _check_unit_interval(where: str, name: str, value: Any, *, closed_low: bool = False,
+                         closed_high: bool = True) -> float:
+    """A number in (0, 1] (or another combination of open and closed ends)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and \
+        (0 <= value if closed_low else 0 < value) and (value <= 1 if closed_high else value < 1)
+    if not ok:
+        interval = ("[" if closed_low else "(") + "0, 1" + ("]" if closed_high else ")")
+        raise ValueError(f"{where}: {name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+@torch.no_grad()
+def decay_counters(counters: Tensor, decay: float) -> None:
+    """Multiply int counters by ``decay`` in place, rounding down."""
+    counters.copy_((counters.to(torch.float64) * decay).floor_().to(counters.dtype))
+
+
 @regist_admit("MinCount")
 class MinCountAdmitHookImpl(BaseAdmitHookImpl):
     """Admit an ID once it has occurred ``min_count`` times in training lookups.
@@ -199,31 +224,54 @@ class MinCountAdmitHookImpl(BaseAdmitHookImpl):
     sketch is saved with the table; a resharded load gives every new shard the sum of the
     saved shards' sketches (IDs may then be admitted early, never late).
 
+    Old counts fade with ``decay < 1``: the policy numbers its admission calls (training
+    lookups that see at least one unknown ID); after every ``decay_every``-th call (its counts
+    added and its IDs admitted) every counter is multiplied by ``decay`` and rounded down. An
+    ID must then reach ``min_count`` with its recent occurrences: e.g. ``decay=0.5,
+    decay_every=100`` halves the counts every 100 such lookups. The call counter is saved with
+    the sketch (a resharded load continues from the largest).
+
     Args:
         min_count (int): occurrences needed (>= 1). Default: 2.
         width (int): counters per row, a power of two. Default: 2**20.
         depth (int): independent hash rows. Default: 2.
+        decay (float): factor applied to the counts, in (0, 1]; 1 = counts never fade.
+            Default: 1.
+        decay_every (int): admission calls between two decays (>= 1). Default: 1000.
     """
 
-    def __init__(self, min_count: int = 2, width: int = 1 << 20, depth: int = 2):
-        for name, value in (("min_count", min_count), ("width", width), ("depth", depth)):
+    def __init__(self, min_count: int = 2, width: int = 1 << 20, depth: int = 2,
+                 decay: float = 1.0, decay_every: int = 1000):
+        for name, value in (("min_count", min_count), ("width", width), ("depth", depth),
+                            ("decay_every", decay_every)):
             check_positive_int(value, name, where="MinCount")
         if width & (width - 1):
             raise ValueError(f"MinCount: width must be a power of two, got {width}")
+        self.decay = _check_unit_interval("MinCount", "decay", decay)
+        self.decay_every = decay_every
         self.min_count = min_count
         self._shape = (depth, width)
         self._sketch: Tensor | None = None
+        self._calls = torch.zeros(1, dtype=torch.int64)
 
     def admit(self, store, ids, tags, counts):
         if self._sketch is None:
             self._sketch = torch.zeros(self._shape, dtype=torch.int32, device=ids.device)
-        return count_min_admit(self._sketch, ids, tags, counts, self.min_count)
+        admitted = count_min_admit(self._sketch, ids, tags, counts, self.min_count)
+        if self.decay < 1:
+            self._calls += 1
+            if int(self._calls.item()) % self.decay_every == 0:
+                decay_counters(self._sketch, self.decay)
+        return admitted
 
     def policy_state(self) -> dict[str, Tensor]:
-        return {} if self._sketch is None else {"sketch": self._sketch}
+        state = {} if self._sketch is None else {"sketch": self._sketch}
+        if self.decay < 1:
+            state["calls"] = self._calls
+        return state
 
     def load_policy_state(self, state: dict[str, Tensor]) -> None:
-        unknown = set(state) - {"sketch"}
+        unknown = set(state) - {"sketch", "calls"}
         if unknown:
             raise ValueError(f"MinCount: unknown state {sorted(unknown)}")
         sketch = state.get("sketch")
@@ -232,14 +280,98 @@ class MinCountAdmitHookImpl(BaseAdmitHookImpl):
                 raise ValueError(f"MinCount: saved sketch has shape {tuple(sketch.shape)}, "
                                  f"this policy {self._shape}")
             self._sketch = sketch.to(torch.int32).clone()
+        if "calls" in state:
+            self._calls = state["calls"].to(torch.int64).reshape(1).cpu().clone()
 
     @classmethod
     def merge_policy_states(cls, states):
+        out = {}
         sketches = [s["sketch"].to(torch.int64) for s in states if "sketch" in s]
-        if not sketches:
+        if sketches:
+            total = torch.stack(sketches).sum(0).clamp_(max=torch.iinfo(torch.int32).max)
+            out["sketch"] = total.to(torch.int32)
+        calls = [s["calls"].reshape(()).cpu() for s in states if "calls" in s]
+        if calls:
+            out["calls"] = torch.stack(calls).max().reshape(1)
+        return out
+
+
+def bloom_size(capacity: int, fp_rate: float) -> tuple[int, int]:
+    """``(m, k)`` of a Bloom filter for ``capacity`` distinct keys at false-positive rate
+    ``fp_rate``: ``m = ceil(-capacity ln(fp_rate) / ln(2)^2)`` counters and
+    ``k = max(1, round(m / capacity * ln 2))`` hashes (the standard formulas)."""
+    m = max(1, math.ceil(-capacity * math.log(fp_rate) / math.log(2) ** 2))
+    return m, max(1, round(m / capacity * math.log(2)))
+
+
+@regist_admit("BloomFilter")
+class BloomFilterAdmitHookImpl(BaseAdmitHookImpl):
+    """Admit an ID once it has occurred ``min_count`` times in training lookups, counted in a
+    counting Bloom filter sized for ``capacity`` distinct IDs at false-positive rate
+    ``fp_rate``.
+
+    The filter has ``m`` int32 counters and ``k`` hashes (:func:`bloom_size`); each occurrence
+    of an unknown ID adds one to its ``k`` counters and the ID's count is the smallest of
+    them. Counters shared with other IDs can only over-count, so an ID may be admitted early
+    (with about ``fp_rate`` odds while at most ``capacity`` IDs were counted), never late.
+    Memory: ``4 * m`` bytes (``capacity=10**7, fp_rate=0.01``: about 383 MB). The counters
+    are saved with the table; a resharded load gives every new shard the sum of the saved
+    shards' counters (early, never late).
+
+    Args:
+        min_count (int): occurrences needed (>= 1). Default: 2.
+        capacity (int): expected distinct IDs (>= 1).
+        fp_rate (float): target false-positive rate, in (0, 1). Default: 0.01.
+    """
+
+    def __init__(self, capacity: int, min_count: int = 2, fp_rate: float = 0.01):
+        check_positive_int(capacity, "capacity", where="BloomFilter")
+        check_positive_int(min_count, "min_count", where="BloomFilter")
+        fp_rate = _check_unit_interval("BloomFilter", "fp_rate", fp_rate, closed_high=False)
+        self.min_count, self.capacity, self.fp_rate = min_count, capacity, fp_rate
+        self.num_counters, self.num_hashes = bloom_size(capacity, fp_rate)
+        self._counters: Tensor | None = None
+
+    def positions(self, ids: Tensor, tags: Tensor | None) -> list[Tensor]:
+        """The ``k`` counter indices of each ID."""
+        base = tags if tags is not None else torch.zeros_like(ids)
+        return [torch.remainder(hash_keys(ids, base + (h + 1) * (1 << 24) + 7),
+                                self.num_counters) for h in range(self.num_hashes)]
+
+    @torch.no_grad()
+    def admit(self, store, ids, tags, counts):
+        if self._counters is None:
+            self._counters = torch.zeros(self.num_counters, dtype=torch.int32,
+                                         device=ids.device)
+        counters = self._counters
+        positions = self.positions(ids, tags)
+        for pos in positions:
+            counters.index_add_(0, pos, counts.to(counters.dtype))
+        estimate = torch.stack([counters[pos] for pos in positions]).min(0).values
+        return estimate >= self.min_count
+
+    def policy_state(self) -> dict[str, Tensor]:
+        return {} if self._counters is None else {"counters": self._counters}
+
+    def load_policy_state(self, state: dict[str, Tensor]) -> None:
+        unknown = set(state) - {"counters"}
+        if unknown:
+            raise ValueError(f"BloomFilter: unknown state {sorted(unknown)}")
+        counters = state.get("counters")
+        if counters is not None:
+            if tuple(counters.shape) != (self.num_counters,):
+                raise ValueError(f"BloomFilter: saved counters have shape "
+                                 f"{tuple(counters.shape)}, this policy ({self.num_counters},)"
+                                 " (capacity and fp_rate must match the saved run)")
+            self._counters = counters.to(torch.int32).clone()
+
+    @classmethod
+    def merge_policy_states(cls, states):
+        counters = [s["counters"].to(torch.int64).cpu() for s in states if "counters" in s]
+        if not counters:
             return {}
-        total = torch.stack(sketches).sum(0).clamp_(max=torch.iinfo(torch.int32).max)
-        return {"sketch": total.to(torch.int32)}
+        total = torch.stack(counters).sum(0).clamp_(max=torch.iinfo(torch.int32).max)
+        return {"counters": total.to(torch.int32)}
 
 
 @regist_admit("Probability")
@@ -452,9 +584,11 @@ def worst_beyond(max_rows: int, keys: list[Tensor]) -> Tensor:
     return remove
 
 
-def _check_max_rows(where: str, max_rows: Any, name: str) -> None:
+def _check_max_rows(where: str, max_rows: Any, name: str, cap_on_insert: Any = False) -> None:
     check_positive_int(max_rows, "max_rows", where=where)
     check_slot_name(name, where)
+    if not isinstance(cap_on_insert, bool):
+        raise TypeError(f"{where}: cap_on_insert must be a bool, got {cap_on_insert!r}")
 
 
 class _ClockFilter(BaseFilterHookImpl):
@@ -480,8 +614,38 @@ class _ClockFilter(BaseFilterHookImpl):
         return {"clock": torch.stack(clocks).max().reshape(1)} if clocks else {}
 
 
+class _CapacityFilter(_ClockFilter):
+    """Keeps at most ``max_rows`` rows, removing the first in :meth:`order_keys` order (the
+    first key decides, the next ones break its ties, lowest first): at filter runs, and with
+    ``cap_on_insert`` also before new IDs get rows."""
+
+    max_rows: int
+    cap_on_insert: bool = False
+
+    def order_keys(self, ids: Tensor, tags: Tensor, rows: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
+        return worst_beyond(self.max_rows, self.order_keys(ids, tags, rows))
+
+    @torch.no_grad()
+    def make_room(self, store: TableStore, new: int, keep: Tensor) -> None:
+        if not self.cap_on_insert:
+            return
+        ids, tags, rows = store.items()
+        excess = ids.numel() + new - self.max_rows
+        if excess <= 0:
+            return
+        others = ~torch.isin(rows, keep)
+        ids, tags, rows = ids[others], tags[others], rows[others]
+        n = min(excess, ids.numel())
+        if n:
+            remove = worst_beyond(ids.numel() - n, self.order_keys(ids, tags, rows))
+            store.remove(ids[remove], tags[remove])
+
+
 @regist_filter("LRU")
-class LRUFilterHookImpl(_ClockFilter):
+class LRUFilterHookImpl(_CapacityFilter):
     """Keep at most ``max_rows`` rows: a filter run removes the least recently used beyond it.
 
     Every training lookup (and :meth:`HashTable.insert`) that touches a row stamps it with the
@@ -493,16 +657,26 @@ class LRUFilterHookImpl(_ClockFilter):
         max_rows (int): rows kept after a filter run (> 0); under sharding, rows of this
             rank's shard.
         name (str): the slot holding each row's stamp. Default: ``"lru_stamp"``.
+        cap_on_insert (bool): also a hard cap: before a training lookup or
+            :meth:`HashTable.insert` gives new IDs rows, the least recently used rows that
+            the same call does not use are removed so that at most ``max_rows`` remain (more
+            only if one call uses more IDs), as TorchRec's managed collisions do.
+            Default: False.
     """
 
-    def __init__(self, table: HashTable, max_rows: int, name: str = "lru_stamp"):
-        self.check_params(max_rows=max_rows, name=name)
+    def __init__(self, table: HashTable, max_rows: int, name: str = "lru_stamp",
+                 cap_on_insert: bool = False):
+        self.check_params(max_rows=max_rows, name=name, cap_on_insert=cap_on_insert)
         super().__init__(table, name)
-        self.max_rows = max_rows
+        self.max_rows, self.cap_on_insert = max_rows, cap_on_insert
 
     @classmethod
-    def check_params(cls, max_rows: int = 1, name: str = "lru_stamp") -> None:
-        _check_max_rows("LRU", max_rows, name)
+    def check_params(cls, max_rows: int = 1, name: str = "lru_stamp",
+                     cap_on_insert: bool = False) -> None:
+        _check_max_rows("LRU", max_rows, name, cap_on_insert)
+
+    def order_keys(self, ids: Tensor, tags: Tensor, rows: Tensor) -> list[Tensor]:
+        return [self.table.store.read(self._name, rows).view(-1), tags, ids]
 
     def slot_specs(self) -> list[SlotSpec]:
         return [SlotSpec(self._name, (1,), torch.int64, 0)]
@@ -512,16 +686,13 @@ class LRUFilterHookImpl(_ClockFilter):
             self._clock += 1
             store.write(self._name, rows, self._clock.view(1, 1))
 
-    def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
-        stamps = self.table.store.read(self._name, rows).view(-1)
-        return worst_beyond(self.max_rows, [stamps, tags, ids])
-
     def extra_repr(self) -> str:
-        return f"max_rows={self.max_rows}, name={self._name!r}"
+        return f"max_rows={self.max_rows}, name={self._name!r}, " \
+            f"cap_on_insert={self.cap_on_insert}"
 
 
 @regist_filter("LFU")
-class LFUFilterHookImpl(_ClockFilter):
+class LFUFilterHookImpl(_CapacityFilter):
     """Keep at most ``max_rows`` rows: a filter run removes the least frequently used beyond
     it.
 
@@ -537,16 +708,23 @@ class LFUFilterHookImpl(_ClockFilter):
             rank's shard.
         decay (float): weight kept per step, in (0, 1]. Default: 1.
         name (str): prefix of the slots ``<name>_count`` and ``<name>_step``. Default: ``"lfu"``.
+        cap_on_insert (bool): also a hard cap: before a training lookup or
+            :meth:`HashTable.insert` gives new IDs rows, the least frequently used rows that
+            the same call does not use are removed so that at most ``max_rows`` remain (more
+            only if one call uses more IDs). Default: False.
     """
 
-    def __init__(self, table: HashTable, max_rows: int, decay: float = 1.0, name: str = "lfu"):
-        LFUFilterHookImpl.check_params(max_rows=max_rows, decay=decay, name=name)
+    def __init__(self, table: HashTable, max_rows: int, decay: float = 1.0, name: str = "lfu",
+                 cap_on_insert: bool = False):
+        LFUFilterHookImpl.check_params(max_rows=max_rows, decay=decay, name=name,
+                                       cap_on_insert=cap_on_insert)
         super().__init__(table, name)
-        self.max_rows, self.decay = max_rows, float(decay)
+        self.max_rows, self.decay, self.cap_on_insert = max_rows, float(decay), cap_on_insert
 
     @classmethod
-    def check_params(cls, max_rows: int = 1, decay: float = 1.0, name: str = "lfu") -> None:
-        _check_max_rows("LFU", max_rows, name)
+    def check_params(cls, max_rows: int = 1, decay: float = 1.0, name: str = "lfu",
+                     cap_on_insert: bool = False) -> None:
+        _check_max_rows("LFU", max_rows, name, cap_on_insert)
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or \
                 not 0 < decay <= 1:
             raise ValueError(f"LFU: decay must be a number in (0, 1], got {decay!r}")
@@ -574,12 +752,13 @@ class LFUFilterHookImpl(_ClockFilter):
     def update_step(self, step_size: int = 1) -> None:
         self._clock += step_size
 
-    def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
+    def order_keys(self, ids: Tensor, tags: Tensor, rows: Tensor) -> list[Tensor]:
         count, last = self._frequency(rows)
-        return worst_beyond(self.max_rows, [count, last, tags, ids])
+        return [count, last, tags, ids]
 
     def extra_repr(self) -> str:
-        return f"max_rows={self.max_rows}, decay={self.decay}, name={self._name!r}"
+        return f"max_rows={self.max_rows}, decay={self.decay}, name={self._name!r}, " \
+            f"cap_on_insert={self.cap_on_insert}"
 
 
 @regist_filter("L2Norm")
@@ -686,6 +865,158 @@ class MemoryBudgetFilterHookImpl(LFUFilterHookImpl):
 
     def extra_repr(self) -> str:
         return f"budget={self.budget}, decay={self.decay}, name={self._name!r}"
+
+
+_SCORE_FUNCTIONS: dict[str, Callable[[dict[str, Tensor]], Tensor]] = {}
+
+
+def regist_score(name: str, fn: Callable | None = None) -> Callable:
+    """Register a score function for the ``"Score"`` filter under ``name`` (usable as a
+    decorator), so that a hook can name it: ``FilterHook("Score", {"score": name, ...})``."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"score function name must be a non-empty str, got {name!r}")
+
+    def add(f: Callable) -> Callable:
+        if not callable(f):
+            raise TypeError(f"a score function must be callable, got {f!r}")
+        if name in _SCORE_FUNCTIONS:
+            raise ValueError(f"a score function is already registered under the name {name!r}")
+        _SCORE_FUNCTIONS[name] = f
+        return f
+
+    return add if fn is None else add(fn)
+
+
+def _score_function(score: Any) -> Callable:
+    if isinstance(score, str):
+        try:
+            return _SCORE_FUNCTIONS[score]
+        except KeyError:
+            raise ValueError(f"Score: unknown score function {score!r}; registered: "
+                             f"{sorted(_SCORE_FUNCTIONS)}") from None
+    if not callable(score):
+        raise TypeError(f"Score: score must be a callable or the name of a registered score "
+                        f"function, got {score!r}")
+    return score
+
+
+@regist_filter("Score")
+class ScoreFilterHookImpl(BaseFilterHookImpl):
+    """Remove the rows a user function scores lowest, at each filter run.
+
+    ``score(slots)`` gets ``{slot name: values}`` of the live rows (``"embedding"``, optimizer
+    state, other policies' slots: ``[n, *row_shape]`` each, in the same row order) and returns
+    one score per row (``n`` numbers, no NaN). A run removes the rows scoring below
+    ``min_score``, then the lowest beyond ``max_rows``; ties are broken by child then ID,
+    lowest first (as LRU's). At least one of ``min_score`` and ``max_rows`` is needed.
+
+    The function itself is not saved in checkpoints (the policy has no state): a restored
+    table uses the function of the hook it is built with. To name the function in a
+    configuration, register it with :func:`regist_score` and pass its name.
+
+    Args:
+        score (callable or str): the function, or the name of a registered one.
+        max_rows (int, optional): rows kept after a run (> 0).
+        min_score (float, optional): rows scoring below it are removed.
+        name (str): the policy's name. Default: ``"score"``.
+    """
+
+    def __init__(self, table: HashTable, score: Any, max_rows: int | None = None,
+                 min_score: float | None = None, name: str = "score"):
+        self.check_params(score=score, max_rows=max_rows, min_score=min_score, name=name)
+        super().__init__(table, name)
+        self.score_fn = _score_function(score)
+        self.max_rows = max_rows
+        self.min_score = None if min_score is None else float(min_score)
+
+    @classmethod
+    def check_params(cls, score: Any = None, max_rows: int | None = None,
+                     min_score: float | None = None, name: str = "score") -> None:
+        _score_function(score)
+        if max_rows is None and min_score is None:
+            raise ValueError("Score: give max_rows, min_score or both")
+        if max_rows is not None:
+            check_positive_int(max_rows, "max_rows", where="Score")
+        if min_score is not None and (isinstance(min_score, bool) or not isinstance(
+                min_score, (int, float)) or math.isnan(min_score)):
+            raise ValueError(f"Score: min_score must be a number, got {min_score!r}")
+        check_slot_name(name, "Score")
+
+    def scores(self, rows: Tensor) -> Tensor:
+        """The score of each of ``rows`` (float64)."""
+        store = self.table.store
+        slots = {n: store.read(n, rows) for n in store.slot_names}
+        out = self.score_fn(slots)
+        if not isinstance(out, Tensor) or out.numel() != rows.numel():
+            raise ValueError(f"Score: the score function must return a Tensor of "
+                             f"{rows.numel()} scores (one per row), got "
+                             f"{getattr(out, 'shape', type(out).__name__)}")
+        out = out.detach().reshape(-1).to(torch.float64)
+        if bool(torch.isnan(out).any()):
+            raise ValueError("Score: the score function returned NaN")
+        return out
+
+    def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
+        score = self.scores(rows).to(ids.device)
+        remove = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
+        if self.min_score is not None:
+            remove = score < self.min_score
+        if self.max_rows is not None:
+            kept = (~remove).nonzero().squeeze(1)
+            beyond = worst_beyond(self.max_rows, [score[kept], tags[kept], ids[kept]])
+            remove[kept[beyond]] = True
+        return remove
+
+    def extra_repr(self) -> str:
+        return (f"score={getattr(self.score_fn, '__name__', self.score_fn)!r}, "
+                f"max_rows={self.max_rows}, min_score={self.min_score}")
+
+
+class FilterChain(nn.Module):
+    """Several filter policies of one table, applied in order: a run of :meth:`do_filter`
+    runs each policy's filter on the rows the previous ones left."""
+
+    def __init__(self, policies: list[BaseFilterHookImpl]):
+        super().__init__()
+        self.policies = nn.ModuleList(policies)
+
+    def bind(self, table: HashTable) -> None:
+        for policy in self.policies:
+            policy.bind(table)
+
+    def __len__(self) -> int:
+        return len(self.policies)
+
+    def __iter__(self):
+        return iter(self.policies)
+
+    def __getitem__(self, index: int) -> BaseFilterHookImpl:
+        return self.policies[index]
+
+    def update_step(self, step_size: int = 1) -> None:
+        for policy in self.policies:
+            policy.update_step(step_size)
+
+    def do_filter(self) -> int:
+        return sum(policy.do_filter() for policy in self.policies)
+
+    def forward(self, rows: Tensor) -> None:
+        for policy in self.policies:
+            policy.update(rows)
+
+
+def filter_hooks(filter_hook: Any, where: str = "filter_hook") -> list[FilterHook]:
+    """The hooks of a ``filter_hook`` argument: None, a FilterHook, or a non-empty list (or
+    tuple) of them (applied in order)."""
+    if filter_hook is None:
+        return []
+    if isinstance(filter_hook, FilterHook):
+        return [filter_hook]
+    if isinstance(filter_hook, (list, tuple)) and filter_hook and all(
+            isinstance(h, FilterHook) for h in filter_hook):
+        return list(filter_hook)
+    raise TypeError(f"{where} must be a FilterHook or a non-empty list of FilterHooks, got "
+                    f"{filter_hook!r}")
 
 
 class HashtableHookFactory:
