@@ -30,6 +30,7 @@ call, in first-occurrence order, take the smallest freed rows first, then fresh 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -101,6 +102,72 @@ class _RemovalLog:
         return 16 * self.count
 
 
+class _Counters:
+    """The resettable statistics of one table (see :meth:`TableStore.stats`).
+
+    Updated inside the store's locked sections with Python ints that the lookup computes
+    anyway, or with 0-d tensors (misses of read-only lookups) that are only summed on the
+    device and turned into ints when read, so counting adds no host sync to a lookup. Its own
+    small lock makes the adds of concurrent readers (which share the table lock) exact."""
+
+    INT_KEYS = ("lookups", "ids_looked_up", "misses", "admitted")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.values: dict[str, object] = dict.fromkeys(self.INT_KEYS, 0)
+            self.rejected: dict[str, object] = {}
+            self.evicted: dict[str, int] = {}
+
+    def admit(self, count: int) -> None:
+        with self._lock:
+            self.values["admitted"] += count
+
+    def lookup(self, unique: int, misses, rejected_by: str | None = None, rejected=0) -> None:
+        """One lookup of ``unique`` IDs, ``misses`` of them absent (an int or a 0-d tensor),
+        ``rejected`` of those refused by ``rejected_by``."""
+        with self._lock:
+            v = self.values
+            v["lookups"] += 1
+            v["ids_looked_up"] += unique
+            v["misses"] = v["misses"] + misses
+            if rejected_by is not None:
+                self.rejected[rejected_by] = self.rejected.get(rejected_by, 0) + rejected
+
+    def evict(self, reason: str, count: int) -> None:
+        if count:
+            with self._lock:
+                self.evicted[reason] = self.evicted.get(reason, 0) + int(count)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            self.values = {k: int(v) for k, v in self.values.items()}
+            self.rejected = {k: int(v) for k, v in self.rejected.items()}
+            return {**self.values, "rejected": dict(self.rejected),
+                    "evicted": dict(self.evicted)}
+
+    def __getstate__(self) -> dict:
+        state = self.snapshot()
+        return {"values": {k: state[k] for k in self.INT_KEYS}, "rejected": state["rejected"],
+                "evicted": state["evicted"]}
+
+    def __setstate__(self, state: dict) -> None:
+        self._lock = threading.Lock()
+        self.values, self.rejected, self.evicted = (dict(state["values"]),
+                                                    dict(state["rejected"]),
+                                                    dict(state["evicted"]))
+
+
+#: The reason :meth:`TableStore.stats` gives removals by a user (``HashTable.delete``).
+USER_REMOVAL = "user"
+#: The name under which lookups that may not insert (eval, a read-only table) count the
+#: unknown IDs they met as rejected.
+READ_ONLY_LOOKUP = "read_only"
+
+
 class TableStore:
     """ID map + slot blocks + change tracking + policies of one table.
 
@@ -141,6 +208,8 @@ class TableStore:
         self._written = torch.zeros(0, dtype=torch.bool, device=self._device)  # per row
         self._removed = _RemovalLog([])
         self._policies: dict[str, TablePolicy] = {}
+        self._counters = _Counters()
+        self._last_inserted = 0  # IDs the last _insert inserted
 
     # -- description ---------------------------------------------------------------------------
     @property
@@ -163,10 +232,40 @@ class TableStore:
     def __len__(self) -> int:
         return len(self._map)
 
-    def stats(self) -> dict[str, int]:
-        """``live`` IDs, ``capacity`` rows, ``admitted``/``removed`` IDs (ever, this process)."""
+    def stats(self) -> dict[str, object]:
+        """What the table holds now and what happened to it since construction or the last
+        :meth:`reset_stats` (this process, this shard):
+
+        * ``live`` IDs, ``capacity`` rows, ``bytes`` (= :meth:`memory_bytes`) and
+          ``bytes_by_slot`` (slot name -> bytes, plus ``"id_map"`` and ``"tracking"``; the
+          values sum to ``bytes``): the state now, not reset.
+        * ``lookups``: :meth:`resolve` calls (training and eval); ``ids_looked_up``: unique
+          IDs they resolved, ``hits`` of them were present, ``misses`` absent.
+        * ``admitted``: IDs inserted (by lookups and inserts); ``rejected``: admission policy
+          name -> unknown IDs it refused (``"read_only"``: unknown IDs of lookups that may not
+          insert, e.g. in eval); ``evicted``: reason -> IDs removed (a filter policy's
+          registered name, ``"user"`` for :meth:`remove` by the user, ``"clear"``);
+          ``removed``: the sum of ``evicted``.
+        """
+        counters = self._counters.snapshot()
+        by_slot = self._bytes_by_slot()
+        counters["hits"] = counters["ids_looked_up"] - counters["misses"]
         return {"live": len(self._map), "capacity": self.capacity,
-                "admitted": self._map.inserted_total, "removed": self._map.deleted_total}
+                "bytes": sum(by_slot.values()), "bytes_by_slot": by_slot,
+                "lookups": counters["lookups"], "ids_looked_up": counters["ids_looked_up"],
+                "hits": counters["hits"], "misses": counters["misses"],
+                "admitted": counters["admitted"], "rejected": counters["rejected"],
+                "evicted": counters["evicted"], "removed": sum(counters["evicted"].values())}
+
+    def reset_stats(self) -> None:
+        """Start the counters of :meth:`stats` again from 0 (not the live state)."""
+        self._counters.reset()
+
+    def _bytes_by_slot(self) -> dict[str, int]:
+        out = {name: self.capacity * width for name, width in self._slots.bytes_per_row().items()}
+        out["id_map"] = self._map.memory_bytes()
+        out["tracking"] = self._written.numel() + self._removed.memory_bytes()
+        return out
 
     def memory_bytes(self) -> int:
         """Bytes of the ID map, every slot's blocks and the change tracking."""
@@ -207,11 +306,14 @@ class TableStore:
     def _insert(self, ids: Tensor, tags: Tensor | None, rows: Tensor | None = None) -> Tensor:
         """Rows of unique keys, inserting the absent ones (``rows``: their rows, -1 where
         absent, when already looked up); new rows of keyed slots get their initial values."""
+        before = self._map.inserted_total
         if rows is None:
             rows, inserted = self._map.lookup_or_insert(ids, tags, assume_unique=True,
                                                         return_inserted=True)
         else:
             inserted = self._map.insert_missing(ids, tags, rows)
+        self._last_inserted = self._map.inserted_total - before
+        self._counters.admit(self._last_inserted)
         self._grow()
         keyed = self._slots.keyed_slots()
         if keyed and bool(inserted.any()):
@@ -298,18 +400,27 @@ class TableStore:
                           .index_add_(0, inverse, occurrences.to(torch.int64)))
             if not training or (admit is not None and not admitting):
                 rows = found
+                misses = (found < 0).sum()  # stays on the device until stats() reads it
+                self._counters.lookup(uniq.numel(), misses, rejected_by=(
+                    _policy_name(admit) if training else READ_ONLY_LOOKUP), rejected=misses)
             elif admit is None:
                 self._make_room(found)
                 rows = self._insert(uniq, uniq_tags, found)
+                self._counters.lookup(uniq.numel(), self._last_inserted)
             else:
                 rows = found
                 missing = (rows < 0).nonzero().squeeze(1)
+                admitted = 0
                 if missing.numel():
                     miss_tags = None if uniq_tags is None else uniq_tags[missing]
                     take = missing[admit.admit(self, uniq[missing], miss_tags, counts[missing])]
                     self._make_room(rows, take.numel())
                     rows[take] = self._insert(
                         uniq[take], None if uniq_tags is None else uniq_tags[take])
+                    admitted = self._last_inserted
+                self._counters.lookup(uniq.numel(), missing.numel(),
+                                      rejected_by=_policy_name(admit),
+                                      rejected=missing.numel() - admitted)
             if training:
                 self._touch(rows if admit is None else rows[rows >= 0])
             return Resolved(rows, inverse, counts)
@@ -344,9 +455,12 @@ class TableStore:
             policy.on_touch(self, rows)
         self._mark_written(rows)
 
-    def remove(self, ids: Tensor, tags: Tensor | None = None) -> int:
+    def remove(self, ids: Tensor, tags: Tensor | None = None, *,
+               reason: str = USER_REMOVAL) -> int:
         """Remove keys (unknown ones are ignored); their rows get every slot's default and
-        are reused, smallest first, by later inserts. Returns how many were removed."""
+        are reused, smallest first, by later inserts. Returns how many were removed.
+        ``reason``: what :meth:`stats` counts them as evicted by (a filter policy passes its
+        registered name)."""
         with self.lock.write():
             rows = self._map.delete(ids, tags)
             hit = rows >= 0
@@ -356,6 +470,7 @@ class TableStore:
                 kept_tags = tags[hit] if tags is not None else torch.zeros_like(freed)
                 self._removed.add(ids[hit], kept_tags, len(self._map))
                 self._mark_written(freed)
+            self._counters.evict(reason, freed.numel())
             return int(freed.numel())
 
     def clear(self) -> None:
@@ -363,6 +478,7 @@ class TableStore:
         with self.lock.write():
             ids, tags, _ = self._map.items()
             self._removed.add(ids, tags, 0)
+            self._counters.evict("clear", ids.numel())
             self._map.clear()
             self._slots.clear()
             self._written = self._written[:0]
@@ -556,6 +672,11 @@ class TableStore:
             restore.set_keys(ids, tags, rows, int(layout["next_row"][0]), layout["free"])
         self.reseed(other.seed)
         self.load_policy_states({k: v for k, v in states.items() if k in self._policies})
+
+
+def _policy_name(policy: TablePolicy) -> str:
+    """The name a policy's decisions are counted under: its registered name if it has one."""
+    return getattr(policy, "policy_name", None) or type(policy).__name__
 
 
 class _Restore:

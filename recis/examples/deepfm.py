@@ -39,7 +39,7 @@ from recis.framework import Trainer, TrainingArguments
 from recis.framework.trainer import TrainingInterrupted, table_label
 from recis.hooks.filter_hook import HashTableFilterHook
 from recis.nn import HashTable
-from recis.nn.modules.hashtable import filter_out_sparse_param
+from recis.nn.modules.hashtable import filter_out_sparse_param, sum_stats
 from recis.optim import SparseAdagrad, SparseAdam, SparseAdamW, SparseSGD
 
 logger = logging.getLogger("recis.examples.deepfm")
@@ -126,7 +126,8 @@ def init_distributed() -> tuple[int, int]:
 
 
 def plot(history: list[dict[str, Any]], path: str) -> bool:
-    """Loss, eval AUC and live IDs per table over the steps, as a PNG. False without
+    """Loss, eval AUC, live IDs per table and IDs admitted / evicted per table (since the
+    start) over the steps, as a PNG. False without
     matplotlib (install the ``plot`` extra). Tables get distinct line styles and markers, so
     that tables with equal counts stay visible."""
     try:
@@ -139,7 +140,7 @@ def plot(history: list[dict[str, Any]], path: str) -> bool:
         return False
     train = [h for h in history if "loss" in h]
     evals = [h for h in history if "eval_auc" in h]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     axes[0].plot([h["step"] for h in train], [h["loss"] for h in train])
     axes[0].set(title="training loss", xlabel="step", ylabel="log-loss")
     axes[1].plot([h["step"] for h in evals], [h["eval_auc"] for h in evals], marker="o")
@@ -154,6 +155,16 @@ def plot(history: list[dict[str, Any]], path: str) -> bool:
                      linewidth=2.5 - 1.5 * i / max(len(labels) - 1, 1))
     axes[2].set(title="live IDs per table", xlabel="step", ylabel="IDs")
     axes[2].legend(fontsize="small")
+    counted = [h for h in train if "table_stats" in h]
+    for i, label in enumerate(labels):
+        steps = [h["step"] for h in counted]
+        stats = [h["table_stats"].get(label, {}) for h in counted]
+        axes[3].plot(steps, [s.get("admitted", 0) for s in stats], color=f"C{i}",
+                     label=f"{label} admitted")
+        axes[3].plot(steps, [sum(s.get("evicted", {}).values()) for s in stats], color=f"C{i}",
+                     linestyle="--", label=f"{label} evicted")
+    axes[3].set(title="IDs admitted (solid) / evicted (dashed)", xlabel="step", ylabel="IDs")
+    axes[3].legend(fontsize="small")
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -353,13 +364,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tables = {}
     for module in model.modules():
         if isinstance(module, HashTable):
-            counts = [float(v) for v in module.stats().values()]
-            counts += [float(module.ids(c).numel()) for c in module.children_hashtable]
-            totals = [int(v) for v in trainer._sum(*counts)]  # over the shards
-            stats = dict(zip(module.stats(), totals, strict=False))
-            stats["logical_tables"] = dict(zip(module.children_hashtable,
-                                               totals[len(module.stats()):], strict=True))
-            tables[table_label(module)] = stats
+            local = module.stats()
+            local["logical_tables"] = {c: module.ids(c).numel()
+                                       for c in module.children_hashtable}
+            tables[table_label(module)] = sum_stats(_gather(local, trainer.world))  # shards
     examples = int(trainer._sum(trainer.examples_seen)[0])
     result = {
         "eval_auc": final.get("eval_auc"),
@@ -380,6 +388,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary["live_ids"] = {k: v["live"] for k, v in tables.items()}
         print(json.dumps(summary), flush=True)
     return result
+
+
+def _gather(record: dict[str, Any], world: int) -> list[dict[str, Any]]:
+    """``record`` of every rank (a list of one without a process group)."""
+    if world == 1:
+        return [record]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, record)
+    return out
 
 
 def _write_metrics(args: argparse.Namespace, record: dict[str, Any]) -> None:

@@ -54,9 +54,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 def table_label(table: HashTable) -> str:
     """A readable name of a physical table: its width and (up to 3 of) its logical tables,
     e.g. ``"dim 16 (c1, c2, c3, ...)"``."""
-    kids = table.children_hashtable
-    shown = ", ".join(kids[:3]) + (", ..." if len(kids) > 3 else "")
-    return f"dim {table.embedding_shape[0]} ({shown})"
+    return table.label
 
 
 @dataclass
@@ -174,9 +172,11 @@ class Trainer:
     Attributes:
         history (list[dict]): one record per logged step and per evaluation: ``step``,
             ``loss``, ``examples_per_second``, ``tables`` (live IDs per table, by
-            :func:`table_label`), and ``eval_auc``/``eval_logloss``/``eval_loss`` after
-            evaluations. With ``args.tensorboard_dir`` every record is also written as
-            TensorBoard scalars (``train/loss``, ``eval/auc``, ``tables/<label>``, ...).
+            :func:`table_label`), ``table_stats`` (:meth:`table_stats`: admitted, rejected,
+            evicted, bytes, ... per table), and ``eval_auc``/``eval_logloss``/``eval_loss``
+            after evaluations. With ``args.tensorboard_dir`` every record is also written as
+            TensorBoard scalars (``train/loss``, ``eval/auc``,
+            ``tables/<label>/{live,admitted,evicted,bytes}``, ...).
     """
 
     def __init__(
@@ -264,6 +264,19 @@ class Trainer:
         return {table_label(m): len(m) for m in self.model.modules()
                 if isinstance(m, HashTable)}
 
+    def table_stats(self) -> dict[str, dict[str, Any]]:
+        """Per table of the model (this rank's shard), by :func:`table_label`: ``live``,
+        ``bytes``, and the counters ``lookups``, ``hits``, ``misses``, ``admitted``,
+        ``rejected`` (by admission policy), ``evicted`` (by reason) of
+        :meth:`HashTable.stats`."""
+        keys = ("live", "bytes", "lookups", "hits", "misses", "admitted", "rejected", "evicted")
+        out = {}
+        for m in self.model.modules():
+            if isinstance(m, HashTable):
+                stats = m.stats()
+                out[table_label(m)] = {k: stats[k] for k in keys}
+        return out
+
     def _local_batches(self) -> Iterable:
         if self.train_dataset is None:
             raise ValueError("train() needs a train_dataset")
@@ -326,15 +339,28 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
 
     def _record(self, entry: dict[str, Any]) -> None:
-        """Append a history record (and write it to TensorBoard)."""
+        """Append a history record (with ``table_stats`` when it has ``tables``), let the
+        hooks see it, and write it to TensorBoard."""
+        if "tables" in entry and "table_stats" not in entry:
+            entry["table_stats"] = self.table_stats()
         self.history.append(entry)
+        for hook in self.hooks:
+            after_record = getattr(hook, "after_record", None)  # hooks need not subclass Hook
+            if after_record is not None:
+                after_record(entry)
         if self._writer is None:
             return
         step = entry["step"]
         for key, value in entry.items():
             if key == "tables":
                 for name, count in value.items():
-                    self._writer.add_scalar(f"tables/{name}", count, step)
+                    self._writer.add_scalar(f"tables/{name}/live", count, step)
+            elif key == "table_stats":
+                for name, stats in value.items():
+                    self._writer.add_scalar(f"tables/{name}/admitted", stats["admitted"], step)
+                    self._writer.add_scalar(f"tables/{name}/evicted",
+                                            sum(stats["evicted"].values()), step)
+                    self._writer.add_scalar(f"tables/{name}/bytes", stats["bytes"], step)
             elif key != "step" and isinstance(value, (int, float)):
                 tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
                 self._writer.add_scalar(tag, value, step)

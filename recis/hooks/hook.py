@@ -62,5 +62,10 @@ class Hook:
             global_step: the global step counter after the step, or ``None``.
         """
 
+    def after_record(self, record: dict[str, Any]) -> None:
+        """Called when the trainer appends a record to its history (every ``log_steps``
+        steps and after every evaluation): ``step``, the metrics, ``tables``,
+        ``table_stats``."""
+
     def end(self, *args: Any, **kwargs: Any) -> None:
         """Called once when the trainer shuts down."""

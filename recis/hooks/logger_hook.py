@@ -8,13 +8,25 @@ from recis.hooks.hook import Hook
 from recis.utils.checks import check_positive_int
 from recis.utils.logger import Logger
 
-__all__ = ["LoggerHook"]
+__all__ = ["LoggerHook", "table_summary"]
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.5g}"
     return str(value)
+
+
+def table_summary(stats: dict[str, Any]) -> str:
+    """``live=.. admitted=.. rejected=..(by policy) evicted=..(by reason)`` of a table."""
+
+    def by(counts: dict[str, int]) -> str:
+        total = sum(counts.values())
+        inner = ", ".join(f"{k} {v}" for k, v in counts.items())
+        return f"{total} ({inner})" if counts else str(total)
+
+    return (f"live={stats.get('live', 0)} admitted={stats.get('admitted', 0)} "
+            f"rejected={by(stats.get('rejected', {}))} evicted={by(stats.get('evicted', {}))}")
 
 
 class LoggerHook(Hook):
@@ -37,6 +49,15 @@ class LoggerHook(Hook):
         self.records.append((int(global_step), metrics))
         text = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
         self._logger.info("step %d: %s", int(global_step), text)
+
+    def after_record(self, record: dict[str, Any]) -> None:
+        """Log one line with each table's live IDs and admitted / rejected / evicted
+        counts (``record["table_stats"]``)."""
+        tables = record.get("table_stats")
+        if tables:
+            self._logger.info("step %d tables: %s", int(record.get("step", 0)),
+                              "; ".join(f"{name}: {table_summary(s)}"
+                                        for name, s in tables.items()))
 
     def after_evaluate(self, metrics: Any = None, *args: Any, **kwargs: Any) -> None:
         if metrics:

@@ -16,6 +16,7 @@ from recis.nn.modules.embedding import (
     lookup_groups,
     to_bags,
 )
+from recis.nn.modules.hashtable import sum_stats
 from recis.ragged.tensor import RaggedTensor
 
 __all__ = ["EmbeddingEngine"]
@@ -132,6 +133,22 @@ class EmbeddingEngine(nn.Module):
         for feas, outs in zip(names, lookup_groups(lookups, self._sharding), strict=True):
             outputs.update(zip(feas, outs, strict=True))
         return {fea: outputs[fea] for fea in input_features}
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """``{table label: HashTable.stats()}`` of the physical tables, plus ``"total"``: the
+        numbers summed over the tables (dicts such as ``evicted`` summed key by key)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, module in self._ht.items():
+            table = module.hashtable
+            label = table.label
+            out[label if label not in out and label != "total" else name] = table.stats()
+        out["total"] = sum_stats(list(out.values()))
+        return out
+
+    def reset_stats(self) -> None:
+        """Start the counters of every table's :meth:`~HashTable.stats` again from 0."""
+        for module in self._ht.values():
+            module.hashtable.reset_stats()
 
     def extra_repr(self) -> str:
         return f"features={list(self._options)}, tables={len(self._ht)}"

@@ -39,7 +39,23 @@ __all__ = [
     "is_hashtable",
     "filter_out_sparse_param",
     "split_sparse_dense_state_dict",
+    "sum_stats",
 ]
+
+
+def sum_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """:meth:`HashTable.stats` of several tables (or shards) added up: numbers summed, nested
+    dicts (``rejected``, ``evicted``, ``bytes_by_slot``) summed key by key."""
+    total: dict[str, Any] = {}
+    for one in stats:
+        for key, value in one.items():
+            if isinstance(value, dict):
+                into = total.setdefault(key, {})
+                for k, v in value.items():
+                    into[k] = into.get(k, 0) + v
+            elif isinstance(value, (int, float)):
+                total[key] = total.get(key, 0) + value
+    return total
 
 _GRAD_REDUCE = ("worker", "id")
 
@@ -358,10 +374,25 @@ class HashTable(nn.Module):
     def __len__(self) -> int:
         return len(self.store)
 
-    def stats(self) -> dict[str, int]:
-        """``{"live": IDs now, "capacity": rows allocated, "admitted": IDs ever inserted,
-        "removed": IDs ever removed}`` (since construction, in this process)."""
+    def stats(self) -> dict[str, Any]:
+        """The table's state now (``live``, ``capacity``, ``bytes``, ``bytes_by_slot``) and
+        its counters since construction or :meth:`reset_stats` (``lookups``,
+        ``ids_looked_up``, ``hits``, ``misses``, ``admitted``, ``rejected`` by admission
+        policy, ``evicted`` by reason, ``removed``): see :meth:`TableStore.stats
+        <recis._core.store.TableStore.stats>`. This process's shard only."""
         return self.store.stats()
+
+    def reset_stats(self) -> None:
+        """Start the counters of :meth:`stats` again from 0."""
+        self.store.reset_stats()
+
+    @property
+    def label(self) -> str:
+        """A readable name: the width and (up to 3 of) the logical tables, e.g.
+        ``"dim 16 (c1, c2, c3, ...)"``."""
+        kids = self.children_hashtable
+        shown = ", ".join(kids[:3]) + (", ..." if len(kids) > 3 else "")
+        return f"dim {self.embedding_shape[0]} ({shown})"
 
     def memory_bytes(self) -> int:
         """Bytes held by the ID map, every slot's blocks and the change tracking."""

@@ -485,7 +485,7 @@ class BaseFilterHookImpl(nn.Module, TablePolicy):
             if ids.numel() == 0:
                 return 0
             remove = self.filter(ids, tags, rows)
-            removed = store.remove(ids[remove], tags[remove])
+            removed = store.remove(ids[remove], tags[remove], reason=self.policy_name)
         logger.debug(
             "%s on %s: %d live rows, %d removed", self._name, table.name, ids.numel(), removed
         )
@@ -1052,7 +1052,9 @@ class HashtableHookFactory:
     def create_admit_hook(table: HashTable | None, hook: AdmitHook) -> BaseAdmitHookImpl:
         if not isinstance(hook, AdmitHook):
             raise TypeError(f"admit_hook must be an AdmitHook, got {type(hook).__name__}")
-        return _policy(_ADMIT_POLICIES, "admit", hook.name)(**hook.params)
+        impl = _policy(_ADMIT_POLICIES, "admit", hook.name)(**hook.params)
+        impl.policy_name = hook.name  # what the table's stats() count its rejections under
+        return impl
 
     @staticmethod
     def create_filter_hook(table: HashTable, hook: FilterHook) -> BaseFilterHookImpl:
