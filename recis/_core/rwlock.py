@@ -91,3 +91,23 @@ class RWLock:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()
+
+
+class CopyableLock:
+    """A ``threading.Lock`` that survives ``copy.deepcopy`` and pickling (the copy gets a
+    fresh, unlocked lock), for state that modules copy with themselves."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from recis._core.backends import MAX_TAGS
+from recis._core.rwlock import CopyableLock
 from recis._core.slots import SlotSpec
 from recis._core.store import EMBEDDING as EMBEDDING_SLOT
 from recis._core.store import TableStore
@@ -296,6 +297,7 @@ class HashTable(nn.Module):
         self._grad_rows: list[Tensor] = []
         self._grad_values: list[Tensor] = []
         self._grad_unique = False
+        self._grad_lock = CopyableLock()  # threads may backward into one table at once
         # a lookup that records gradients happened since clear_grad: the sparse optimizers
         # count a step for the table even if no row of this shard got a gradient
         self.grad_pending = False
@@ -614,9 +616,10 @@ class HashTable(nn.Module):
                 f"grad must have one row per index ({grad_index.numel()}), got "
                 f"{tuple(getattr(grad, 'shape', ()))}"
             )
-        self._grad_rows.append(grad_index.detach())
-        self._grad_values.append(grad.detach().to(self.dtype))
-        self._grad_unique = _unique and len(self._grad_rows) == 1
+        with self._grad_lock:
+            self._grad_rows.append(grad_index.detach())
+            self._grad_values.append(grad.detach().to(self.dtype))
+            self._grad_unique = _unique and len(self._grad_rows) == 1
 
     def defer_grad(self, finish: Callable[[], None]) -> None:
         """Register ``finish``, which hands this table gradients that are still arriving (a
@@ -636,16 +639,19 @@ class HashTable(nn.Module):
         """
         self._take_deferred()
         shape = self._embedding_shape
-        if not self._grad_rows:
+        with self._grad_lock:  # a consistent snapshot while other threads may add
+            grad_rows, grad_values = list(self._grad_rows), list(self._grad_values)
+            unique = self._grad_unique
+        if not grad_rows:
             return (
                 torch.zeros(0, dtype=torch.int64, device=self.device),
                 torch.zeros(0, *shape, dtype=self.dtype, device=self.device),
             )
-        if self._grad_unique:
-            values = self._grad_values[0]
-            return self._grad_rows[0], values / acc_steps if acc_steps != 1 else values
-        rows = torch.cat(self._grad_rows)
-        values = torch.cat(self._grad_values)
+        if unique:
+            values = grad_values[0]
+            return grad_rows[0], values / acc_steps if acc_steps != 1 else values
+        rows = torch.cat(grad_rows)
+        values = torch.cat(grad_values)
         uniq, inverse = torch.unique(rows, return_inverse=True)
         summed = torch.zeros(uniq.numel(), *shape, dtype=values.dtype, device=values.device)
         summed.index_add_(0, inverse, values)
@@ -668,9 +674,10 @@ class HashTable(nn.Module):
 
     def clear_grad(self) -> None:
         self._take_deferred()
-        self._grad_rows.clear()
-        self._grad_values.clear()
-        self._grad_unique = False
+        with self._grad_lock:
+            self._grad_rows.clear()
+            self._grad_values.clear()
+            self._grad_unique = False
         self.grad_pending = False
 
     # -- module semantics --------------------------------------------------------------------
