@@ -66,8 +66,6 @@ def cost(quick: bool) -> float:
         for i in range(0, ids.numel(), 200_000):
             part = ids[i:i + 200_000]
             table.insert(part, torch.randn(part.numel(), DIM) * 0.01)
-    header("bench_lifecycle: eviction cost per step and model quality under caps", quick,
-           repeats, warmup)
     batch: dict[str, torch.Tensor] = {}
 
     def pick(_: int) -> None:
@@ -256,8 +254,10 @@ def rss(quick: bool) -> None:
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     setup_torch()
+    header("bench_lifecycle: eviction cost per step, RSS under a budget, quality under caps",
+           args.quick, *((5, 2) if args.quick else (20, 4)))
+    rss(args.quick)  # first: the cost part's freed 1M-row tables would hide RSS growth
     cost(args.quick)
-    rss(args.quick)
     quality(args.quick)
 
 
