@@ -260,3 +260,21 @@ def test_memory_budget_plateaus_under_a_drifting_stream():
     assert max(memory) <= 1.1 * impl.budget + slack
     plateau = rows_and_map[len(rows_and_map) // 4:]
     assert min(plateau) == max(plateau)  # blocks and map stop growing once the cap holds
+
+
+def test_memory_budget_as_an_embedding_option():
+    from recis.nn import DynamicEmbedding, EmbeddingOption
+
+    opt = EmbeddingOption(embedding_dim=8, shared_name="m", memory_budget="64KiB",
+                          filter_hook=FilterHook("GlobalStepFilter", {"filter_step": 5}))
+    assert [h.name for h in opt.filter_hook] == ["GlobalStepFilter", "MemoryBudget"]
+    emb = DynamicEmbedding(opt)
+    chain = emb.hashtable._filter_hook_impl
+    emb(torch.arange(5000).view(-1, 1))
+    chain.do_filter()
+    budget = [p for p in chain.modules() if type(p).__name__ == "MemoryBudgetFilterHookImpl"][0]
+    assert 0 < len(emb.hashtable) <= 64 * 1024 // budget.bytes_per_row()
+    only = EmbeddingOption(embedding_dim=8, shared_name="n", memory_budget=1 << 20)
+    assert only.filter_hook.name == "MemoryBudget"
+    with pytest.raises(ValueError, match="memory_budget: cannot read 'lots'"):
+        EmbeddingOption(memory_budget="lots")

@@ -16,7 +16,11 @@ from recis.nn.functional.embedding_ops import COMBINERS, bag_reduce, table_bag_r
 from recis.nn.hashtable_hook import AdmitHook, FilterHook
 from recis.nn.initializers import ConstantInitializer, Initializer
 from recis.nn.modules.hashtable import HashTable, Lookup, check_ids, gen_slice
-from recis.nn.modules.hashtable_hook_impl import HashtableHookFactory, filter_hooks
+from recis.nn.modules.hashtable_hook_impl import (
+    HashtableHookFactory,
+    filter_hooks,
+    parse_bytes,
+)
 from recis.ragged.tensor import RaggedTensor
 from recis.utils.checks import check_device, check_positive_int
 
@@ -50,6 +54,8 @@ class EmbeddingOption:
     filter_hook: FilterHook | list[FilterHook] | None = None  # eviction policy (list: in order)
     admit_hook: AdmitHook | None = None  # admission policy
     fp16_enabled: bool = False  # int8 tables only: reduce in fp16 instead of fp32
+    memory_budget: int | str | None = None  # bytes ("2GiB") for the table: a MemoryBudget
+    # filter (LFU order) is added after filter_hook's policies
 
     def __post_init__(self):
         check_positive_int(self.embedding_dim, "embedding_dim")
@@ -78,6 +84,11 @@ class EmbeddingOption:
             raise ValueError(
                 f"grad_reduce_by must be 'worker' or 'id', got {self.grad_reduce_by!r}"
             )
+        if self.memory_budget is not None:
+            budget = FilterHook("MemoryBudget", {"budget": parse_bytes(self.memory_budget,
+                                                                     "memory_budget")})
+            self.filter_hook = budget if self.filter_hook is None else \
+                [*filter_hooks(self.filter_hook), budget]
         if self.filter_hook is not None:
             hooks = filter_hooks(self.filter_hook)
             if not isinstance(self.filter_hook, FilterHook):
