@@ -47,6 +47,19 @@ FIGURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures",
                       "lifecycle_auc_memory.png")
 
 
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (said once) when it is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return None
+    return plt
+
+
 def _table(policy: str | None):
     from recis.nn import HashTable
     from recis.nn.hashtable_hook import FilterHook
@@ -167,13 +180,8 @@ def quality(quick: bool) -> list[list]:
           "returned); caps are shares of the no-eviction rows, LFU decay 0.99, filter runs "
           "every 50 steps")
     print_table(["eviction", "eval AUC", "rows (largest table)", "tables MiB"], rows)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = _pyplot()
+    if plt is None:
         return rows
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in runs.items():
@@ -230,12 +238,8 @@ def rss(quick: bool) -> None:
     print(f"RSS growth, max over the 2nd quarter: {max(quarter) / 2**20:.1f} MiB, over the 2nd "
           f"half: {max(half) / 2**20:.1f} MiB (a plateau when equal or lower); the table's own "
           f"bytes at the end: {trace[-1][3] / 2**20:.1f} MiB for a budget of 64 MiB")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([t[0] for t in trace], [t[1] / 2**20 for t in trace], label="process RSS growth")

@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         trainer.train()
-    except TrainingInterrupted:
+    except TrainingInterrupted as stop:
+        stop.metrics = os.path.join(args.output, "metrics.json")
         if rank == 0:
             _write_metrics(args, {"interrupted_at_step": trainer.global_step,
                                   "history": trainer.history})
@@ -423,12 +424,11 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     except TrainingInterrupted as stop:
         if rank == 0:
-            output = argv_output(argv)
             saved = (f"checkpoint {stop.checkpoint} saved (run the same command to resume)"
                      if stop.checkpoint else "no checkpoint (pass --save-steps N to resume "
                      "later)")
             print(f"{prog}: interrupted at step {stop.step}: {saved}; metrics so far in "
-                  f"{os.path.join(output, 'metrics.json')}", file=sys.stderr, flush=True)
+                  f"{stop.metrics}", file=sys.stderr, flush=True)
         return 130
     except KeyboardInterrupt:
         if rank == 0:
@@ -448,14 +448,6 @@ def run(argv: list[str] | None = None) -> int:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def argv_output(argv: list[str] | None) -> str:
-    """The ``--output`` of a command line (for messages after :func:`main` has stopped)."""
-    try:
-        return parse_args(argv).output
-    except SystemExit:
-        return "deepfm_output"
 
 
 if __name__ == "__main__":

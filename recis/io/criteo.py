@@ -225,32 +225,42 @@ def criteo_dataset(
                              "files; ORC and Parquet files carry their own names")
         _check_names(list(columns), expected, "columns", where)
         kwargs["column_names"] = list(columns)
-    else:
-        for path, fmt in zip(files, formats, strict=True):
-            if fmt in ("csv", "tsv"):
-                _check_header(path, fmt, kwargs.get("delimiter"), expected, where)
+    for path, fmt in zip(files, formats, strict=True):  # every file, by its own names
+        if fmt not in ("csv", "tsv"):
+            names = _schema_names(path, fmt)
+            if names is not None:
+                _check_names(names, expected, "", where, path)
+        elif columns is None:
+            _check_header(path, fmt, kwargs.get("delimiter"), expected, where)
     if sparse_format == "dense":
         dense, ragged = [_LABEL, *_DENSE, *_SPARSE], []
         fills: dict[str, Any] | None = dict.fromkeys(_SPARSE, missing_id)
     else:
         dense, ragged, fills = [_LABEL, *_DENSE], list(_SPARSE), None
     # dense_columns/ragged_columns are no-ops for columns that already have that layout.
+    return FileDataset(
+        files,
+        batch_size,
+        columns=expected,
+        dense_columns=dense,
+        ragged_columns=ragged,
+        fill_missing=fills,
+        transform=_CriteoTransform(sparse_format, missing_id),
+        **kwargs,
+    )
+
+
+def _schema_names(path: str, fmt: str) -> list[str] | None:
+    """Column names from an ORC/Parquet footer; None when unreadable (FileDataset says why)."""
+    import pyarrow as pa
+    import pyarrow.orc as pa_orc
+    import pyarrow.parquet as pq
+
     try:
-        return FileDataset(
-            files,
-            batch_size,
-            columns=expected,
-            dense_columns=dense,
-            ragged_columns=ragged,
-            fill_missing=fills,
-            transform=_CriteoTransform(sparse_format, missing_id),
-            **kwargs,
-        )
-    except ValueError as err:
-        if "are not in" not in str(err) and "lacks the columns" not in str(err):
-            raise
-        raise ValueError(f"{where}: {err}; expected the Criteo columns "
-                         f"{_describe(expected)}") from None
+        schema = pa_orc.ORCFile(path).schema if fmt == "orc" else pq.read_schema(path)
+    except (pa.ArrowException, OSError):
+        return None
+    return list(schema.names)
 
 
 def _describe(names: Sequence[str]) -> str:

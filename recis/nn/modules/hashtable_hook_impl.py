@@ -390,8 +390,7 @@ class ProbabilityAdmitHookImpl(BaseAdmitHookImpl):
     """
 
     def __init__(self, p: float, seed: int = 0):
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise ValueError(f"Probability: p must be a number in (0, 1], got {p!r}")
+        p = _check_unit_interval("Probability", "p", p)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"Probability: seed must be an int, got {seed!r}")
         self.p, self.seed = float(p), seed
@@ -725,9 +724,7 @@ class LFUFilterHookImpl(_CapacityFilter):
     def check_params(cls, max_rows: int = 1, decay: float = 1.0, name: str = "lfu",
                      cap_on_insert: bool = False) -> None:
         _check_max_rows("LFU", max_rows, name, cap_on_insert)
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or \
-                not 0 < decay <= 1:
-            raise ValueError(f"LFU: decay must be a number in (0, 1], got {decay!r}")
+        _check_unit_interval("LFU", "decay", decay)
 
     def slot_specs(self) -> list[SlotSpec]:
         return [SlotSpec(f"{self._name}_count", (1,), torch.float64, 0.0),
