@@ -739,11 +739,14 @@ def chain(path: str) -> list[str]:
 
 
 class _Content(dict):
-    """group -> field -> [tensor per shard part]; ``shards[group]``: the shard of each part."""
+    """group -> field -> [tensor per shard part]; ``shards[group]``: the shards that wrote the
+    group, ``field_shards[group][field]``: the shard of each of the field's parts (a policy's
+    state may lack a field on some shards, e.g. a sketch never used there)."""
 
     def __init__(self):
         super().__init__()
         self.shards: dict[str, list[int]] = {}
+        self.field_shards: dict[str, dict[str, list[int]]] = {}
 
 
 def _read_sparse(path: str, index: dict) -> _Content:
@@ -765,6 +768,7 @@ def _read_sparse(path: str, index: dict) -> _Content:
             if not fields:
                 out.shards[group] = []
             fields.setdefault(field, []).append(t)
+            out.field_shards.setdefault(group, {}).setdefault(field, []).append(shard)
             shards = out.shards[group]
             if not shards or shards[-1] != shard:
                 shards.append(shard)
@@ -1007,7 +1011,9 @@ def _restore_policies(table: HashTable, content: _Content, policies: Mapping, ex
         group = _rec(table.name, f"policy_{tag}")
         fields = content.get(group, {})
         shards = content.shards.get(group, [])
-        shard_states = [{f: v[i] for f, v in fields.items()} for i in range(len(shards))]
+        parts = content.field_shards.get(group, {})
+        shard_states = [{f: v[parts[f].index(k)] for f, v in fields.items() if k in parts[f]}
+                        for k in shards]
         own = [i for i, k in enumerate(shards)
                if gen_slice(k, shard_num, table.slice.slice_size) == table.slice]
         if exact and len(shard_states) == 1:
