@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
 from recis.distributed import sharding as _sharding  # module: recis.distributed imports recis.nn
+from recis.nn.hashtable_hook import FilterHook
 from recis.nn.modules.embedding import (
     DynamicEmbedding,
     EmbeddingOption,
@@ -17,9 +19,12 @@ from recis.nn.modules.embedding import (
     to_bags,
 )
 from recis.nn.modules.hashtable import sum_stats
+from recis.nn.modules.hashtable_hook_impl import filter_hooks, parse_bytes
 from recis.ragged.tensor import RaggedTensor
 
 __all__ = ["EmbeddingEngine"]
+
+_ENGINE_NUMBERS = itertools.count()  # each engine's budget is its own share group
 
 
 class EmbeddingEngine(nn.Module):
@@ -35,6 +40,13 @@ class EmbeddingEngine(nn.Module):
 
     Args:
         emb_options (dict[str, EmbeddingOption]): feature name -> option.
+        memory_budget (int or str, optional): bytes for all the engine's tables together
+            (``"8GiB"``; per process under sharding): each table gets a ``MemoryBudget``
+            filter named ``"engine_budget"`` sharing the budget (see
+            :class:`~recis.nn.modules.hashtable_hook_impl.MemoryBudgetFilterHookImpl`): at a
+            filter run the rows that come first in one LFU order over every table go, until
+            the tables' bytes together fit, so memory goes to the most used IDs whatever
+            their feature. An option's own ``memory_budget`` still caps its table.
 
     Example::
 
@@ -47,8 +59,14 @@ class EmbeddingEngine(nn.Module):
         (torch.Size([1, 8]), 1)
     """
 
-    def __init__(self, emb_options: Mapping[str, EmbeddingOption]):
+    def __init__(self, emb_options: Mapping[str, EmbeddingOption],
+                 memory_budget: int | str | None = None):
         super().__init__()
+        budget_hook = None
+        if memory_budget is not None:
+            budget_hook = FilterHook("MemoryBudget", {
+                "budget": parse_bytes(memory_budget, "memory_budget"), "name": "engine_budget",
+                "share": f"EmbeddingEngine-{next(_ENGINE_NUMBERS)}"})
         if not isinstance(emb_options, Mapping):
             raise TypeError(f"emb_options must be a dict, got {type(emb_options).__name__}")
         table_of_shared: dict[str, str] = {}
@@ -93,6 +111,8 @@ class EmbeddingEngine(nn.Module):
         for ht_name, kids in children.items():
             opt = copy.copy(first_opt[ht_name])
             opt.coalesced, opt.children, opt.shared_name = True, list(kids), ht_name
+            if budget_hook is not None:
+                opt.filter_hook = [*filter_hooks(opt.filter_hook), budget_hook]
             self._ht[ht_name] = DynamicEmbedding(opt, sharding=self._sharding)
         self._fea_to_group = {
             fea: (self._fea_to_ht[fea], str(opt.admit_hook)) for fea, opt in self._options.items()

@@ -27,6 +27,7 @@ from recis.nn.modules.hashtable_hook_impl import (
     FilterChain,
     HashtableHookFactory,
     filter_hooks,
+    parse_bytes,
     policy_key,
 )
 from recis.utils.checks import check_device, check_positive_int
@@ -209,6 +210,10 @@ class HashTable(nn.Module):
         filter_hook (FilterHook or list of FilterHook, optional): eviction policy, e.g.
             ``GlobalStepFilter``; a list applies its policies in order at each filter run
             (each sees the rows the previous ones left), each with its own slots and state.
+        memory_budget (int or str, optional): bytes for this table (``"2GiB"``): a
+            ``MemoryBudget`` filter (LFU order) is added after ``filter_hook``'s policies;
+            for a hard cap at insert time use
+            ``FilterHook("MemoryBudget", {"budget": ..., "cap_on_insert": True})`` instead.
 
     Shape:
         - Input: IDs of any shape ``(*)``, int64 (other integer dtypes are converted).
@@ -245,6 +250,7 @@ class HashTable(nn.Module):
         name: str = "hashtable",
         grad_reduce_by: str = "worker",
         filter_hook: FilterHook | list[FilterHook] | None = None,
+        memory_budget: int | str | None = None,
     ):
         super().__init__()
         if isinstance(embedding_shape, int) and not isinstance(embedding_shape, bool):
@@ -278,6 +284,10 @@ class HashTable(nn.Module):
         if not hasattr(initializer, "generate_rows"):
             raise TypeError(f"initializer must be a recis Initializer, got {initializer!r}")
         hooks = filter_hooks(filter_hook)
+        if memory_budget is not None:
+            hooks.append(FilterHook("MemoryBudget", {
+                "budget": parse_bytes(memory_budget, "memory_budget")}))
+            filter_hook = hooks if len(hooks) > 1 else hooks[0]
         if slice is not None and not isinstance(slice, Slice):
             raise TypeError(f"slice must be a Slice, got {type(slice).__name__}")
 

@@ -20,6 +20,7 @@ Built in: admission ``"ReadOnly"``, ``"MinCount"`` (count-min sketch, optionally
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import weakref
@@ -583,6 +584,34 @@ def worst_beyond(max_rows: int, keys: list[Tensor]) -> Tensor:
     return remove
 
 
+def worst_beyond_bytes(budget: int, keys: list[Tensor], weights: Tensor) -> Tensor:
+    """Bool mask of the rows to remove so that the ``weights`` (bytes) of the rows kept sum to
+    at most ``budget``: the fewest rows first in the order of ``keys`` (as
+    :func:`worst_beyond`), i.e. the shortest prefix of that order whose removal fits.
+
+    One sort of the first key, then a sort of the rows tied at the cut by the other keys."""
+    n = keys[0].numel()
+    remove = torch.zeros(n, dtype=torch.bool, device=keys[0].device)
+    excess = int(weights.sum()) - budget
+    if excess <= 0:
+        return remove
+    first = keys[0]
+    order = torch.argsort(first, stable=True)
+    freed = torch.cumsum(weights[order], 0)
+    cut = int(torch.searchsorted(freed, excess))  # rows order[:cut + 1] free enough
+    value = first[order[min(cut, n - 1)]]
+    remove |= first < value
+    tied = (first == value).nonzero().squeeze(1)
+    need = excess - int(weights[remove].sum())
+    tie_order = torch.arange(tied.numel(), device=first.device)
+    for key in reversed(keys[1:]):
+        tie_order = tie_order[torch.argsort(key[tied][tie_order], stable=True)]
+    ranked = tied[tie_order]
+    take = int(torch.searchsorted(torch.cumsum(weights[ranked], 0), need)) + 1
+    remove[ranked[:take]] = True
+    return remove
+
+
 def _check_max_rows(where: str, max_rows: Any, name: str, cap_on_insert: Any = False) -> None:
     check_positive_int(max_rows, "max_rows", where=where)
     check_slot_name(name, where)
@@ -816,8 +845,9 @@ def parse_bytes(value: Any, where: str = "memory budget") -> int:
 
 @regist_filter("MemoryBudget")
 class MemoryBudgetFilterHookImpl(LFUFilterHookImpl):
-    """Keep a table within a byte budget: at each filter run, the rows beyond what the budget
-    holds are removed, least frequently used first (:class:`LFUFilterHookImpl`'s order).
+    """Keep a table (or a group of tables) within a byte budget: at each filter run, the rows
+    beyond what the budget holds are removed, least frequently used first
+    (:class:`LFUFilterHookImpl`'s order).
 
     The row limit is ``budget // bytes_per_row()``, recomputed at every run from the table's
     own layout: every slot's row (embedding, optimizer state, policy metadata), one byte of
@@ -825,27 +855,57 @@ class MemoryBudgetFilterHookImpl(LFUFilterHookImpl):
     list, and the ID map's bytes per ID at its sparsest (just after it doubles: 16 bytes a
     slot at 28% load, 57 bytes), so the rows never need more than the budget. Fixed overhead
     on top: one block of rows per slot, and up to 1 MiB of removal log while the table is
-    small. Blocks and the map are allocated ahead of need and reused, not returned: between
-    runs a table can exceed its budget by the rows admitted since the last run. Under
-    sharding each rank keeps its shard within the budget given to it.
+    small. Blocks and the map are allocated ahead of need and reused, not returned. Without
+    ``cap_on_insert`` a table can exceed its budget between runs by the rows admitted since
+    the last run; with it, never by more than one lookup's new IDs. Under sharding each rank
+    keeps its shard within the budget given to it (the budget is per process).
+
+    A shared budget (``share="name"``): every live ``MemoryBudget`` filter with the same
+    ``share`` (and the same ``budget``) is one group, and the group's rows together stay
+    within the budget. A run of any member enforces the whole group: it removes the rows
+    that come first in one LFU order over all members (frequency, last touch, then member in
+    creation order, child, ID) until the group's bytes fit, each row weighing its own
+    table's ``bytes_per_row()``; the other members' runs in the same round then find
+    nothing to remove. Members' clocks must advance together (one
+    :class:`~recis.hooks.filter_hook.HashTableFilterHook` drives them), or their
+    frequencies do not compare. This is what ``EmbeddingEngine(memory_budget=...)`` uses.
 
     Args:
         budget (int or str): bytes, e.g. ``"2GiB"``, ``"512MB"`` or an int.
         decay (float): LFU's weight kept per step, in (0, 1]. Default: 1.
         name (str): prefix of the LFU slots. Default: ``"budget"``.
+        cap_on_insert (bool): also a hard cap: before new IDs get rows, the least
+            frequently used rows the same call does not use are removed so that the table
+            stays within its row limit (not with ``share``). Default: False.
+        share (str or None): the group sharing this budget; None: this table alone.
+
+    Example::
+
+        >>> ht = HashTable([16], memory_budget="64MiB")   # or, for several tables:
+        >>> hook = FilterHook("MemoryBudget", {"budget": "1GiB", "share": "user_tables"})
     """
 
     def __init__(self, table: HashTable, budget: int | str, decay: float = 1.0,
-                 name: str = "budget"):
-        self.check_params(budget=budget, decay=decay, name=name)
+                 name: str = "budget", cap_on_insert: bool = False, share: str | None = None):
+        self.check_params(budget=budget, decay=decay, name=name, cap_on_insert=cap_on_insert,
+                          share=share)
         self.budget = parse_bytes(budget, "MemoryBudget: budget")
-        super().__init__(table, max_rows=1, decay=decay, name=name)
+        self.share = share
+        super().__init__(table, max_rows=1, decay=decay, name=name,
+                         cap_on_insert=cap_on_insert)
 
     @classmethod
-    def check_params(cls, budget: int | str = 1, decay: float = 1.0,
-                     name: str = "budget") -> None:
+    def check_params(cls, budget: int | str = 1, decay: float = 1.0, name: str = "budget",
+                     cap_on_insert: bool = False, share: str | None = None) -> None:
         parse_bytes(budget, "MemoryBudget: budget")
-        LFUFilterHookImpl.check_params(max_rows=1, decay=decay, name=name)
+        LFUFilterHookImpl.check_params(max_rows=1, decay=decay, name=name,
+                                       cap_on_insert=cap_on_insert)
+        if share is not None and (not isinstance(share, str) or not share):
+            raise TypeError(f"MemoryBudget: share must be a non-empty str or None, got "
+                            f"{share!r}")
+        if share is not None and cap_on_insert:
+            raise ValueError("MemoryBudget: cap_on_insert works for a table's own budget, "
+                             "not with share (a shared budget is enforced at filter runs)")
 
     def bytes_per_row(self) -> int:
         """The budget's cost of one row (see the class docstring)."""
@@ -856,12 +916,67 @@ class MemoryBudgetFilterHookImpl(LFUFilterHookImpl):
         map_bytes = math.ceil(16 / (IdMap.MAX_LOAD * 0.75 / 2))
         return slots + 1 + 16 + 8 + map_bytes
 
+    def row_limit(self) -> int:
+        """Rows this table may hold on its own budget (at least 1)."""
+        return max(self.budget // self.bytes_per_row(), 1)
+
     def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
-        self.max_rows = max(self.budget // self.bytes_per_row(), 1)
+        self.max_rows = self.row_limit()
         return super().filter(ids, tags, rows)
 
+    def make_room(self, store: TableStore, new: int, keep: Tensor) -> None:
+        self.max_rows = self.row_limit()
+        super().make_room(store, new, keep)
+
+    def group(self) -> list[MemoryBudgetFilterHookImpl]:
+        """The live members of this filter's ``share`` group, in creation order (itself alone
+        without ``share``)."""
+        if self.share is None:
+            return [self]
+        members = [f for f in live_filters()
+                   if isinstance(f, MemoryBudgetFilterHookImpl) and f.share == self.share]
+        budgets = {f.budget for f in members}
+        if len(budgets) > 1:
+            raise ValueError(f"MemoryBudget: the tables sharing {self.share!r} were given "
+                             f"different budgets {sorted(budgets)}; give them one")
+        return members
+
+    @torch.no_grad()
+    def do_filter(self) -> int:
+        """Without ``share``: LFU beyond :meth:`row_limit`. With it: enforce the whole group
+        (see the class docstring); returns the rows removed from all members."""
+        if self.share is None:
+            return super().do_filter()
+        members = self.group()
+        with contextlib.ExitStack() as locks:
+            for member in members:  # creation order: every member takes the locks alike
+                locks.enter_context(member.table.store.lock.write())
+            live = [member.table.store.items() for member in members]
+            device = self.table.device  # members may live on other devices
+            keys: list[list[Tensor]] = [[], [], [], [], []]
+            weights = []
+            for index, (member, (ids, tags, rows)) in enumerate(zip(members, live, strict=True)):
+                count, last = member._frequency(rows)
+                for key, value in zip(keys, (count, last, torch.full_like(ids, index), tags,
+                                             ids), strict=True):
+                    key.append(value.to(device))
+                weights.append(torch.full((ids.numel(),), member.bytes_per_row(),
+                                          dtype=torch.int64, device=device))
+            remove = worst_beyond_bytes(self.budget, [torch.cat(k) for k in keys],
+                                        torch.cat(weights))
+            removed, start = 0, 0
+            for member, (ids, tags, _) in zip(members, live, strict=True):
+                mine = remove[start:start + ids.numel()].to(ids.device)
+                start += ids.numel()
+                removed += member.table.store.remove(ids[mine], tags[mine],
+                                                     reason=member.policy_name)
+        logger.debug("MemoryBudget %r: %d tables, %d rows removed", self.share, len(members),
+                     removed)
+        return removed
+
     def extra_repr(self) -> str:
-        return f"budget={self.budget}, decay={self.decay}, name={self._name!r}"
+        return f"budget={self.budget}, decay={self.decay}, name={self._name!r}, " \
+            f"cap_on_insert={self.cap_on_insert}, share={self.share!r}"
 
 
 _SCORE_FUNCTIONS: dict[str, Callable[[dict[str, Tensor]], Tensor]] = {}
