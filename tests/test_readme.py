@@ -20,6 +20,18 @@ def test_the_readme_has_the_blocks_this_test_runs():
     assert len(PYTHON_BLOCKS) >= 3 and len(BASH_BLOCKS) >= 3
 
 
+def test_no_text_file_holds_merge_conflict_markers():
+    """A merge once left its markers in the README: every documentation and source file of the
+    repository is checked for them."""
+    marker = re.compile(r"^(<{7} |={7}$|>{7} )", flags=re.M)
+    paths = [p for pattern in ("*.md", "recis/**/*.py", "tests/*.py", "benchmarks/*.py",
+                               "docs/**/*.md", ".ci/*")
+             for p in ROOT.glob(pattern) if p.is_file()]
+    assert len(paths) > 20
+    dirty = [str(p.relative_to(ROOT)) for p in paths if marker.search(p.read_text())]
+    assert not dirty, f"merge conflict markers in {dirty}"
+
+
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
 def test_each_python_block_runs_alone(index, tmp_path):
     script = tmp_path / f"block{index}.py"
