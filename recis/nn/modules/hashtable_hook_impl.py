@@ -658,12 +658,10 @@ class _CapacityFilter(_ClockFilter):
 
     @torch.no_grad()
     def make_room(self, store: TableStore, new: int, keep: Tensor) -> None:
-        if not self.cap_on_insert:
-            return
+        if not self.cap_on_insert or len(store) + new <= self.max_rows:
+            return  # below the cap: no scan of the table
         ids, tags, rows = store.items()
         excess = ids.numel() + new - self.max_rows
-        if excess <= 0:
-            return
         others = ~torch.isin(rows, keep)
         ids, tags, rows = ids[others], tags[others], rows[others]
         n = min(excess, ids.numel())
