@@ -313,3 +313,32 @@ def sharded_lru(rank: int, world: int, out_dir: str, steps: int, max_rows: int,
             assert len(emb.hashtable) <= max_rows
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
         json.dump(emb.hashtable.ids().tolist(), f)
+
+
+def sharded_engine_budget(rank: int, world: int, out_dir: str, steps: int, budget: int,
+                          every: int) -> None:
+    """An engine's shared budget under sharding: each rank keeps its own shards of the two
+    tables within the budget; writes the IDs of each table and the bytes per row."""
+    import json
+
+    from recis.nn import EmbeddingEngine, EmbeddingOption
+    from recis.nn.modules.hashtable_hook_impl import MemoryBudgetFilterHookImpl
+
+    engine = EmbeddingEngine({"a": EmbeddingOption(embedding_dim=2, shared_name="a"),
+                              "b": EmbeddingOption(embedding_dim=8, shared_name="b")},
+                             memory_budget=budget)
+    tables = [engine.hashtable(f) for f in ("a", "b")]
+    impls = [next(p for p in t.modules() if isinstance(p, MemoryBudgetFilterHookImpl))
+             for t in tables]
+    for step in range(steps):
+        batch = lru_batch(step, rank)
+        engine({"a": torch.tensor(batch).view(-1, 1),
+                "b": torch.tensor(batch[::2]).view(-1, 1)})
+        for impl in impls:
+            impl.update_step()
+        if step % every == every - 1:
+            impls[0].do_filter()
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump({"ids": [t.ids().tolist() for t in tables],
+                   "bytes_per_row": [i.bytes_per_row() for i in impls]}, f)
+

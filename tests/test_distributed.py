@@ -182,6 +182,53 @@ def test_the_main_job_on_files_under_torchrun_matches_one_process(tmp_path):
     assert abs(two["eval_auc"] - one["eval_auc"]) < 1e-5
 
 
+def test_each_rank_keeps_its_engine_budget_over_its_own_shards(tmp_path):
+    """EmbeddingEngine(memory_budget=...) on 2 processes: each rank removes, from its shards of
+    both tables, what one LFU order over its own rows removes (reference below)."""
+    import json
+
+    from dist_scenarios import lru_batch
+
+    from recis.nn.modules.hashtable import gen_slice, slice_index
+
+    steps, budget, every, world = 15, 9000, 3, 2
+    failed = run_ranks("sharded_engine_budget", world, (str(tmp_path), steps, budget, every),
+                       str(tmp_path))
+    assert not failed, failed
+    ends = torch.tensor([gen_slice(k, world, 65536).slice_end for k in range(world)])
+
+    def owner(i: int) -> int:
+        return int(torch.bucketize(slice_index(torch.tensor([i]), 65536), ends, right=True))
+
+    removed_any = False
+    for rank in range(world):
+        held = json.loads((tmp_path / f"{rank}.json").read_text())
+        sizes = held["bytes_per_row"]
+        rows: list[dict[int, list[int]]] = [{}, {}]  # table -> ID -> [count, last touch]
+        for step in range(steps):  # the LFU clock is the step
+            batches = [lru_batch(step, r) for r in range(world)]
+            for table, ids in enumerate(({i for b in batches for i in b},
+                                         {i for b in batches for i in b[::2]})):
+                for i in ids:
+                    if owner(i) == rank:
+                        count = rows[table].get(i, [0, 0])[0]
+                        rows[table][i] = [count + 1, step]
+            if step % every == every - 1:
+                used = sum(len(r) * b for r, b in zip(rows, sizes, strict=True))
+                order = sorted((c, last, t, i) for t in range(2)
+                               for i, (c, last) in rows[t].items())
+                for *_, t, i in order:
+                    if used <= budget:
+                        break
+                    del rows[t][i]
+                    used -= sizes[t]
+                    removed_any = True
+        for table in range(2):
+            assert sorted(held["ids"][table]) == sorted(rows[table]), (rank, table)
+        assert sum(len(ids) * b for ids, b in zip(held["ids"], sizes, strict=True)) <= budget
+    assert removed_any
+
+
 def test_each_rank_enforces_lru_on_its_own_shard(tmp_path):
     import json
 
