@@ -19,7 +19,7 @@
   steps): eval AUC against the tables' memory, as a table and a plot
   (``benchmarks/figures/lifecycle_auc_memory.png``).
 
-    PYTHONPATH=. python benchmarks/bench_lifecycle.py [--quick]
+    PYTHONPATH=. python benchmarks/bench_lifecycle.py [--quick] [--parts rss,cost,quality]
 """
 
 from __future__ import annotations
@@ -313,7 +313,13 @@ def rss(quick: bool) -> None:
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
+        "--parts", default="rss,cost,quality",
+        help="comma-separated parts to run (rss and quality measure memory and AUC, not time, "
+             "so they may run beside other work; cost must run alone)"))
+    parts = set(args.parts.split(","))
+    if parts - {"rss", "cost", "quality"}:
+        sys.exit(f"--parts: expected rss, cost, quality; got {args.parts}")
     setup_torch()
     only = os.environ.get("RECIS_BENCH_RSS_ONLY")
     if only is not None:  # one RSS variant, in a process of its own (see rss)
@@ -324,9 +330,12 @@ def main() -> None:
         return
     header("bench_lifecycle: eviction cost per step, RSS under a budget, quality under caps",
            args.quick, *((5, 2) if args.quick else (20, 4)))
-    rss(args.quick)  # first: the cost part's freed 1M-row tables would hide RSS growth
-    cost(args.quick)
-    quality(args.quick)
+    if "rss" in parts:
+        rss(args.quick)  # each variant in its own process
+    if "cost" in parts:
+        cost(args.quick)
+    if "quality" in parts:
+        quality(args.quick)
 
 
 if __name__ == "__main__":
