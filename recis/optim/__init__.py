@@ -1,5 +1,6 @@
 """Row-sparse optimizers for dynamic embedding tables."""
 
+from recis.optim.adamw_tf import AdamWTF
 from recis.optim.optimizers import (
     SparseAdagrad,
     SparseAdam,
@@ -10,6 +11,7 @@ from recis.optim.optimizers import (
 from recis.optim.sparse_optimizer import SparseOptimizer, check_hyper
 
 __all__ = [
+    "AdamWTF",
     "SparseOptimizer",
     "SparseAdamW",
     "SparseAdam",

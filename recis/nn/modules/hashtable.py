@@ -177,6 +177,64 @@ class _TableLookup(torch.autograd.Function):
         return None, None, None
 
 
+class Slot:
+    """One named per-row slot of a table, as RecIS's slot objects expose it (see
+    :meth:`HashTable.slot_group`). A view: it reads the table's blocks when asked."""
+
+    def __init__(self, store: TableStore, name: str):
+        self._store, self._name = store, name
+
+    def name(self) -> str:
+        return self._name
+
+    def block_size(self) -> int:
+        """Rows per block."""
+        return self._store.block_size
+
+    def flat_size(self) -> int:
+        """Elements per row (the product of the row shape)."""
+        return self._store.slot_spec(self._name).width
+
+    def values(self) -> list[Tensor]:
+        """The blocks, ``[block_size, *row_shape]`` writable views."""
+        return self._store.blocks(self._name)
+
+    def value(self) -> Tensor:
+        """The blocks concatenated: ``[capacity, *row_shape]`` (a copy; empty before the first
+        block)."""
+        blocks = self.values()
+        if blocks:
+            return torch.cat(blocks)
+        spec = self._store.slot_spec(self._name)
+        return torch.zeros((0, *spec.row_shape), dtype=spec.dtype, device=self._store.device)
+
+    def __repr__(self) -> str:
+        return f"Slot({self._name!r})"
+
+
+class SlotGroup:
+    """The slots of a table in declaration order (the embedding first), RecIS's
+    ``slot_group()``."""
+
+    def __init__(self, store: TableStore):
+        self._store = store
+
+    def slots(self) -> list[Slot]:
+        return [Slot(self._store, name) for name in self._store.slot_names]
+
+    def slot_by_name(self, name: str) -> Slot:
+        if not self._store.has_slot(name):
+            raise KeyError(f"no slot {name!r}; slots: {self._store.slot_names}")
+        return Slot(self._store, name)
+
+    def slot_by_index(self, index: int) -> Slot:
+        names = self._store.slot_names
+        if isinstance(index, bool) or not isinstance(index, int) or \
+                not -len(names) <= index < len(names):
+            raise IndexError(f"slot index must be an int in [0, {len(names)}), got {index!r}")
+        return Slot(self._store, names[index])
+
+
 class HashTable(nn.Module):
     """An embedding table keyed by raw int64 IDs that grows as new IDs arrive.
 
@@ -615,6 +673,21 @@ class HashTable(nn.Module):
     def slot_blocks(self, name: str) -> list[Tensor]:
         """The blocks of a slot, writable views ``[block_size, *row_shape]``."""
         return self.store.blocks(name)
+
+    def slot_group(self) -> SlotGroup:
+        """RecIS's view of the table's slots: ``slot_by_name(name)``, ``slot_by_index(i)``,
+        ``slots()``; each slot gives ``name()``, ``block_size()``, ``flat_size()``,
+        ``value()`` (its blocks concatenated: ``capacity`` rows, free ones included) and
+        ``values()`` (the blocks, writable views).
+
+        Example::
+
+            >>> ht = HashTable([4])
+            >>> _ = ht(torch.tensor([7]))
+            >>> ht.slot_group().slot_by_name("embedding").value().shape
+            torch.Size([10240, 4])
+        """
+        return SlotGroup(self.store)
 
     # -- gradients ---------------------------------------------------------------------------
     def accept_grad(self, grad_index: Tensor, grad: Tensor, _unique: bool = False) -> None:
