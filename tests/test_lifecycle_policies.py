@@ -189,14 +189,18 @@ def test_bad_probability_params_are_named():
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_worst_beyond_equals_a_full_lexicographic_sort(seed):
+@pytest.mark.parametrize("last_unique", [True, False])
+def test_worst_beyond_equals_a_full_lexicographic_sort(seed, last_unique):
     from recis.nn.modules.hashtable_hook_impl import worst_beyond
 
     g = torch.Generator().manual_seed(seed)
     n = 500
+    last = torch.randperm(n, generator=g) if last_unique else torch.randint(0, 4, (n,),
+                                                                             generator=g)
     keys = [torch.randint(0, 6, (n,), generator=g).to(torch.float64),  # many ties
-            torch.randint(0, 3, (n,), generator=g), torch.randperm(n, generator=g)]
+            torch.randint(0, 3, (n,), generator=g), last]
     for max_rows in (0, 1, 137, 499, 500, 800):
+        # a stable sort: rows tied on every key go by position
         order = sorted(range(n), key=lambda i: tuple(float(k[i]) for k in keys))
         expected = set(order[:max(n - max_rows, 0)])
         got = set(worst_beyond(max_rows, keys).nonzero().view(-1).tolist())

@@ -562,25 +562,28 @@ class GlobalStepFilterHookImpl(BaseFilterHookImpl):
 
 def worst_beyond(max_rows: int, keys: list[Tensor]) -> Tensor:
     """Bool mask of the rows to remove so that ``max_rows`` remain: the first in the order of
-    ``keys`` (the first key decides, the next ones break its ties), lowest first.
+    ``keys`` (the first key decides, the next ones break its ties, then the position), lowest
+    first.
 
-    Linear in the rows plus a sort of the rows tied with the last one removed: the first key
-    is split at its k-th smallest value (``kthvalue``), so a run that removes a few thousand
-    of a million rows does not sort the million."""
+    Linear in the rows, no sort: each key is split at its k-th smallest value (``kthvalue``)
+    among the rows still tied on the previous keys, so a run that removes a few thousand of a
+    million rows, or ties half a million of them on the first key, sorts nothing."""
     n = keys[0].numel()
     remove = torch.zeros(n, dtype=torch.bool, device=keys[0].device)
-    excess = n - max_rows
-    if excess <= 0:
+    need = n - max_rows
+    if need <= 0:
         return remove
-    first = keys[0]
-    kth = first.kthvalue(excess).values
-    remove |= first < kth
-    tied = (first == kth).nonzero().squeeze(1)
-    need = excess - int(remove.sum())
-    order = torch.arange(tied.numel(), device=first.device)
-    for key in reversed(keys[1:]):  # stable sorts, last key first: a lexicographic order
-        order = order[torch.argsort(key[tied][order], stable=True)]
-    remove[tied[order[:need]]] = True
+    tied = torch.arange(n, device=keys[0].device)  # rows tied on the keys so far
+    for key in keys:
+        values = key[tied] if tied.numel() < n else key
+        kth = values.kthvalue(need).values  # fewer than `need` values are below it
+        below = tied[values < kth]
+        remove[below] = True
+        need -= below.numel()
+        tied = tied[values == kth]
+        if tied.numel() == need:
+            break
+    remove[tied[:need]] = True  # the rest, tied on every key: the lowest positions
     return remove
 
 
