@@ -224,3 +224,19 @@ def test_map_resolve_and_insert_missing(with_tags):
     uniq, uniq_tags, inverse, known, rows, inserted = got["numba"]
     assert torch.equal(uniq[inverse], batch)  # first-occurrence order, inverse exact
     assert torch.equal(inserted, known < 0) and bool((rows >= 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.int64, torch.int32])
+def test_kth_smallest(dtype):
+    gen = torch.Generator().manual_seed(6)
+    ties = torch.randint(-5, 5, (1000,), generator=gen)
+    ties[:2] = torch.tensor([-(2**30), 2**30])
+    mostly_zero = torch.zeros(1000, dtype=torch.int64)
+    mostly_zero[::50] = torch.randint(-3, 4, (20,), generator=gen)
+    for values in (ties, mostly_zero, torch.arange(1000), torch.randperm(1000, generator=gen),
+                   torch.zeros(1000, dtype=torch.int64), torch.tensor([42])):
+        values = values.to(dtype)
+        for k in sorted({1, 2, 137, 500, 999, 1000} & set(range(1, values.numel() + 1))):
+            got = [b.kth_smallest(values, k) for b in (NUMBA, TORCH)]
+            assert got[0].dtype == got[1].dtype == dtype and got[0].dim() == 0
+            assert torch.equal(got[0], got[1]) and got[1] == values.sort().values[k - 1]

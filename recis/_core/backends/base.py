@@ -169,6 +169,11 @@ class Backend:
         """A new table of ``capacity`` slots holding the live entries of ``table``."""
         raise NotImplementedError
 
+    def kth_smallest(self, values: Tensor, k: int) -> Tensor:
+        """The ``k``-th smallest (1-based) of the 1-D ``values`` (no NaN), as a 0-d tensor (the
+        value of ``torch.kthvalue``; eviction splits its order at it)."""
+        raise NotImplementedError
+
     # -- blocks --------------------------------------------------------------------------------
     def gather(self, blocks: BlockList, rows: Tensor, out: Tensor) -> Tensor:
         """``out[i]`` = row ``rows[i]`` (zeros where ``rows[i] == -1``); ``out`` is

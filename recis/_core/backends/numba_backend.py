@@ -127,6 +127,13 @@ class NumbaBackend(TorchBackend):
     def map_rebuild(self, table, capacity):
         return torch.from_numpy(nk.map_rebuild(table.numpy(), capacity))
 
+    def kth_smallest(self, values, k):
+        if values.dtype not in NUMBA_DTYPES:
+            return super().kth_smallest(values, k)
+        # np.partition is 5-50x slower when a value repeats (e.g. 90% zeros), torch.kthvalue
+        # sorts an index array along: the kernel is 2-10x faster than the slower of them
+        return torch.tensor(nk.kth_smallest(values.numpy(), k - 1), dtype=values.dtype)
+
     # -- blocks --------------------------------------------------------------------------------
     def _addresses(self, blocks: BlockList, rows: Tensor) -> np.ndarray:
         return nk.row_addresses(blocks.ptrs, blocks.block_size, rows.numpy(),

@@ -214,6 +214,48 @@ def map_rebuild(table, capacity):
     return new
 
 
+@njit(inline="always", cache=True)
+def _split(a, lo, hi, pivot, or_equal):
+    """Move the values of ``a[lo:hi]`` below ``pivot`` (``or_equal``: not above it) to the
+    front, without branches (a random pivot would mispredict half of them); returns where the
+    rest starts."""
+    mid = lo
+    for i in range(lo, hi):
+        v = a[i]
+        a[i] = a[mid]
+        a[mid] = v
+        mid += (v <= pivot) if or_equal else (v < pivot)
+    return mid
+
+
+@njit(cache=True, nogil=True)
+def kth_smallest(values, k):
+    """The ``k``-th smallest (0-based) of ``values`` (no NaN): quickselect on a copy. Pivots
+    are the median of three values at pseudo-random positions (sorted or patterned input
+    stays linear); the values equal to the pivot are split off too, so runs of equal values
+    (common in eviction keys) end it instead of slowing it down."""
+    a = values.copy()
+    lo, hi = 0, a.shape[0]  # the answer lies in a[lo:hi]
+    state = np.uint64(0x2545F4914F6CDD1D)
+    picks = np.empty(3, a.dtype)
+    while True:
+        for p in range(3):
+            state ^= state << np.uint64(13)
+            state ^= state >> np.uint64(7)
+            state ^= state << np.uint64(17)
+            picks[p] = a[lo + np.int64(state % np.uint64(hi - lo))]
+        x, y, z = picks[0], picks[1], picks[2]
+        pivot = max(min(x, y), min(max(x, y), z))
+        below = _split(a, lo, hi, pivot, False)
+        if k < below:
+            hi = below
+            continue
+        above = _split(a, below, hi, pivot, True)
+        if k < above:
+            return pivot
+        lo = above
+
+
 @intrinsic
 def _as_pointer(typingctx, address):
     """An int64 address as a ``void*`` (to view a block's memory with ``carray``)."""

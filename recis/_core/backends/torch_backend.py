@@ -280,6 +280,9 @@ class TorchBackend(Backend):
     def map_rebuild(self, table, capacity):
         return map_rebuild(table[:, 0], table[:, 1], capacity)
 
+    def kth_smallest(self, values, k):
+        return values.kthvalue(k).values
+
     # -- blocks --------------------------------------------------------------------------------
     def gather(self, blocks, rows, out):
         return gather_rows(blocks.tensors, blocks.block_size, rows, out)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from recis._core.backends import backend_for
 from recis._core.backends.torch_backend import hash_keys
 from recis._core.counter_rng import counter_uniform, mix_seed
 from recis._core.policy import TablePolicy
@@ -565,7 +566,7 @@ def worst_beyond(max_rows: int, keys: list[Tensor]) -> Tensor:
     ``keys`` (the first key decides, the next ones break its ties, then the position), lowest
     first.
 
-    Linear in the rows, no sort: each key is split at its k-th smallest value (``kthvalue``)
+    Linear in the rows, no sort: each key is split at its k-th smallest value (a selection)
     among the rows still tied on the previous keys, so a run that removes a few thousand of a
     million rows, or ties half a million of them on the first key, sorts nothing."""
     n = keys[0].numel()
@@ -573,10 +574,14 @@ def worst_beyond(max_rows: int, keys: list[Tensor]) -> Tensor:
     need = n - max_rows
     if need <= 0:
         return remove
+    kth_smallest = backend_for(keys[0].device).kth_smallest
     tied = torch.arange(n, device=keys[0].device)  # rows tied on the keys so far
     for key in keys:
         values = key[tied] if tied.numel() < n else key
-        kth = values.kthvalue(need).values  # fewer than `need` values are below it
+        low, high = values.aminmax()
+        if low == high:  # no split (e.g. the tags of a plain table)
+            continue
+        kth = kth_smallest(values, need)  # fewer than `need` values are below it
         below = tied[values < kth]
         remove[below] = True
         need -= below.numel()
