@@ -240,3 +240,26 @@ def test_kth_smallest(dtype):
             got = [b.kth_smallest(values, k) for b in (NUMBA, TORCH)]
             assert got[0].dtype == got[1].dtype == dtype and got[0].dim() == 0
             assert torch.equal(got[0], got[1]) and got[1] == values.sort().values[k - 1]
+
+
+def test_map_items_lists_live_keys_by_row():
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.unique(torch.randint(-(2**62), 2**62, (3000,), generator=gen))
+    ids = ids[torch.randperm(ids.numel(), generator=gen)]
+    tags = ids.abs() % 5
+    tables = {}
+    for backend in (NUMBA, TORCH):
+        table = backend.map_new(8192, torch.device("cpu"))
+        backend.map_lookup_or_insert(table, ids, tags, torch.zeros(0, dtype=torch.int64), 0, 0)
+        backend.map_delete(table, ids[::3], tags[::3])  # tombstones and holes in the rows
+        tables[backend.name] = table
+    live = torch.ones(ids.numel(), dtype=torch.bool)
+    live[::3] = False
+    rows = torch.arange(ids.numel())[live]  # rows were handed out in input order
+    expected = (ids[live], tags[live], rows)
+    for table in tables.values():  # each backend reads either layout
+        for backend in (NUMBA, TORCH):
+            got = backend.map_items(table, ids.numel() + 10)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    empty = NUMBA.map_new(64, torch.device("cpu"))
+    assert all(t.numel() == 0 for b in (NUMBA, TORCH) for t in b.map_items(empty, 0))

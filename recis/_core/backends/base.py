@@ -169,6 +169,11 @@ class Backend:
         """A new table of ``capacity`` slots holding the live entries of ``table``."""
         raise NotImplementedError
 
+    def map_items(self, table: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ids, tags, rows)`` of the live entries, ordered by row (rows are unique and below
+        ``num_rows``)."""
+        raise NotImplementedError
+
     def kth_smallest(self, values: Tensor, k: int) -> Tensor:
         """The ``k``-th smallest (1-based) of the 1-D ``values`` (no NaN), as a 0-d tensor (the
         value of ``torch.kthvalue``; eviction splits its order at it)."""

@@ -127,6 +127,9 @@ class NumbaBackend(TorchBackend):
     def map_rebuild(self, table, capacity):
         return torch.from_numpy(nk.map_rebuild(table.numpy(), capacity))
 
+    def map_items(self, table, num_rows):
+        return tuple(torch.from_numpy(a) for a in nk.map_items(table.numpy(), num_rows))
+
     def kth_smallest(self, values, k):
         if values.dtype not in NUMBA_DTYPES:
             return super().kth_smallest(values, k)

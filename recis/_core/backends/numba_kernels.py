@@ -229,6 +229,35 @@ def _split(a, lo, hi, pivot, or_equal):
 
 
 @njit(cache=True, nogil=True)
+def map_items(table, num_rows):
+    """``(ids, tags, rows)`` of the live slots, ordered by row: one pass over the map places
+    each entry at its row (rows are unique and below ``num_rows``), one pass over the rows
+    collects them."""
+    id_of_row = np.empty(num_rows, np.int64)
+    packed_of_row = np.full(num_rows, EMPTY, np.int64)
+    count = 0
+    for s in range(table.shape[0]):
+        v = table[s, 1]
+        if v >= 0:
+            r = v & ROW_MASK
+            id_of_row[r] = table[s, 0]
+            packed_of_row[r] = v
+            count += 1
+    ids = np.empty(count, np.int64)
+    tags = np.empty(count, np.int64)
+    rows = np.empty(count, np.int64)
+    j = 0
+    for r in range(num_rows):
+        v = packed_of_row[r]
+        if v >= 0:
+            ids[j] = id_of_row[r]
+            tags[j] = v >> TAG_SHIFT
+            rows[j] = r
+            j += 1
+    return ids, tags, rows
+
+
+@njit(cache=True, nogil=True)
 def kth_smallest(values, k):
     """The ``k``-th smallest (0-based) of ``values`` (no NaN): quickselect on a copy. Pivots
     are the median of three values at pseudo-random positions (sorted or patterned input

@@ -192,6 +192,18 @@ def map_rebuild(keys: Tensor, vals: Tensor, capacity: int) -> Tensor:
     return table
 
 
+def map_items(keys: Tensor, vals: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(ids, tags, rows)`` of the live entries, ordered by row."""
+    live = vals >= 0
+    ids, packed = keys[live], vals[live]
+    rows = packed & ROW_MASK
+    # rows are unique and below num_rows: place them instead of sorting
+    slot_of_row = torch.full((num_rows,), -1, dtype=torch.int64, device=keys.device)
+    slot_of_row[rows] = torch.arange(rows.numel(), device=keys.device)
+    order = slot_of_row[slot_of_row >= 0]
+    return ids[order], (packed >> TAG_SHIFT)[order], rows[order]
+
+
 def gather_rows(blocks: list[Tensor], block_size: int, rows: Tensor, out: Tensor) -> Tensor:
     """``out[i] = row rows[i]`` of the block store; zero where ``rows[i] < 0``."""
     out.zero_()
@@ -279,6 +291,9 @@ class TorchBackend(Backend):
 
     def map_rebuild(self, table, capacity):
         return map_rebuild(table[:, 0], table[:, 1], capacity)
+
+    def map_items(self, table, num_rows):
+        return map_items(table[:, 0], table[:, 1], num_rows)
 
     def kth_smallest(self, values, k):
         return values.kthvalue(k).values
