@@ -263,3 +263,26 @@ def test_map_items_lists_live_keys_by_row():
             assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     empty = NUMBA.map_new(64, torch.device("cpu"))
     assert all(t.numel() == 0 for b in (NUMBA, TORCH) for t in b.map_items(empty, 0))
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.9, 0.5])
+def test_decayed_count_touch(decay):
+    gen = torch.Generator().manual_seed(8)
+    count = torch.rand(20_480, 1, generator=gen, dtype=torch.float64) * 50
+    last = torch.randint(0, 40, (20_480, 1), generator=gen)
+    rows = torch.randperm(20_480, generator=gen)[:12_000]  # > PARALLEL_MIN: split on threads
+    clock = torch.tensor([40])
+    got = {}
+    for backend in (NUMBA, TORCH):
+        blocks = blocks_of(count, 1024), blocks_of(last, 1024)
+        backend.decayed_count_touch(*blocks, rows, clock, decay)
+        got[backend.name] = [as_dense(b) for b in blocks]
+    expected_count = count.clone()
+    expected_count[rows] = count[rows] * decay ** (40 - last[rows]).double() + 1
+    expected_last = last.clone()
+    expected_last[rows] = 40
+    for new_count, new_last in got.values():
+        torch.testing.assert_close(new_count, expected_count, rtol=1e-15, atol=0)
+        assert torch.equal(new_last, expected_last)
+    if decay == 1.0:
+        assert torch.equal(got["numba"][0], got["torch"][0])

@@ -144,6 +144,38 @@ def test_eviction_state_is_saved_and_restored_exactly(tmp_path, policy, params):
     assert _ids(resumed) == _ids(straight)
 
 
+def _slots_by_id(table: HashTable) -> dict[str, dict[int, list]]:
+    ids, rows = table.ids_map()
+    return {name: dict(zip(ids.tolist(), table.slot_values(name, rows).tolist(), strict=True))
+            for name in table.slot_names}
+
+
+def test_an_incremental_checkpoint_after_lookups_holds_their_stamps(tmp_path):
+    """Policies write their stamps with kernels, without a write mark of their own: the touch
+    marks the rows, so a delta saved after lookups alone restores every stamp exactly."""
+    hooks = [FilterHook("GlobalStepFilter", {"filter_step": 3}),
+             FilterHook("LRU", {"max_rows": 60}), FilterHook("LFU", {"max_rows": 50, "decay": 0.9})]
+    table = _table(hooks)
+    seq = _sequence(5, steps=20)
+    for batch in seq[:10]:
+        table(torch.tensor(batch))
+        table._filter_hook_impl.update_step()
+    Saver(path=str(tmp_path / "c0"), hashtables={"t": table}).save()
+    for batch in seq[10:15]:  # lookups of IDs already there: stamps are their only writes
+        table(torch.tensor([i for i in batch if i in _ids(table)] or batch[:1]))
+        table._filter_hook_impl.update_step()
+    Saver(path=str(tmp_path / "c1"), hashtables={"t": table}).save(incremental=True, base="c0")
+    resumed = _table(hooks)
+    Loader(str(tmp_path / "c1"), {"t": resumed}).load()
+    assert _slots_by_id(resumed) == _slots_by_id(table)
+    for batch in seq[15:]:
+        for t in (table, resumed):
+            t(torch.tensor(batch))
+            t._filter_hook_impl.update_step()
+            t._filter_hook_impl.do_filter()
+    assert _ids(resumed) == _ids(table) and _slots_by_id(resumed) == _slots_by_id(table)
+
+
 def _admitted(seed: int, p: float, batches) -> list[set[int]]:
     table = HashTable([2], name="t")
     hook = AdmitHook("Probability", {"p": p, "seed": seed})

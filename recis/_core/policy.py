@@ -33,7 +33,10 @@ class TablePolicy:
         return []
 
     def on_touch(self, store: TableStore, rows: Tensor) -> None:
-        """``rows`` (unique, valid) were used by a training lookup or written by an insert."""
+        """``rows`` (unique, valid) were used by a training lookup or written by an insert.
+        Called under the write lock; the store marks ``rows`` written after the call, so a
+        policy may write its slots of these rows with the backend's kernels directly
+        (:meth:`~recis._core.store.TableStore.block_list`), without a write of its own."""
 
     def make_room(self, store: TableStore, new: int, keep: Tensor) -> None:
         """``new`` keys are about to get rows (a training lookup or an insert; called under

@@ -205,6 +205,14 @@ class Backend:
         weight (divided by the bag's total weight for ``mean``). ``(num_unique, width)``."""
         raise NotImplementedError
 
+    # -- policy metadata ---------------------------------------------------------------------
+    def decayed_count_touch(self, count: BlockList, last: BlockList, rows: Tensor, clock: Tensor,
+                            decay: float) -> None:
+        """LFU's touch of unique, valid ``rows``: ``count = count * decay ** (clock - last) + 1``
+        (``count + 1`` when ``decay == 1``), ``last = clock``. ``count``: a float slot of width
+        1, ``last``: an int64 slot of width 1, ``clock``: a 1-element int64 tensor."""
+        raise NotImplementedError
+
     # -- optimizer updates (rows unique: the updates are not linear) -----------------------------
     def adam_update(self, emb: BlockList, exp_avg: BlockList, exp_avg_sq: BlockList,
                     rows: Tensor, grad: Tensor, *, decay: float, beta1: float, beta2: float,

@@ -176,6 +176,13 @@ class NumbaBackend(TorchBackend):
                    work=inverse.numel())
         return grad
 
+    # -- policy metadata ---------------------------------------------------------------------
+    def decayed_count_touch(self, count, last, rows, clock, decay):
+        if count.dtype != torch.float64 or last.dtype != torch.int64 or not len(count):
+            return super().decayed_count_touch(count, last, rows, clock, decay)
+        run_ranges(nk.decayed_count_touch_range, rows.numel(), count.ptrs, last.ptrs,
+                   count.block_size, rows.numpy(), int(clock), float(decay))
+
     # -- optimizer updates -------------------------------------------------------------------------
     def _update(self, kernel: Callable, blocks: list[BlockList], rows: Tensor, grad: Tensor,
                 *scalars) -> None:

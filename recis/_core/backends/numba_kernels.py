@@ -444,6 +444,27 @@ def bag_backward_range(starts, bag, coef, grad_out, grad_unique, lo, hi):
                 dst[j] += c * src[j]
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def decayed_count_touch_range(count_ptrs, last_ptrs, block_size, rows, clock, decay, lo, hi):
+    """LFU's touch of ``rows[lo:hi]`` (unique, valid): ``count = count * decay ** (clock -
+    last) + 1`` (``count + 1`` when ``decay == 1``), ``last = clock``; float64 counts, int64
+    steps, one value a row."""
+    for i in range(lo, hi):
+        if i + _PREFETCH_AHEAD < hi:
+            ahead = rows[i + _PREFETCH_AHEAD]
+            _prefetch(count_ptrs[ahead // block_size] + (ahead % block_size) * 8)
+            _prefetch(last_ptrs[ahead // block_size] + (ahead % block_size) * 8)
+        r = rows[i]
+        b, o = r // block_size, r % block_size
+        count = carray(_as_pointer(count_ptrs[b]), (block_size,), np.float64)
+        last = carray(_as_pointer(last_ptrs[b]), (block_size,), np.int64)
+        if decay < 1.0:
+            count[o] = count[o] * decay ** np.float64(clock - last[o]) + 1.0
+        else:
+            count[o] += 1.0
+        last[o] = clock
+
+
 # -- optimizer updates over unique rows (addresses from row_addresses; rows are unique) --------
 @njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def adam_update_range(emb_addr, m_addr, v_addr, grads, decay, beta1, one_minus_beta1, beta2,

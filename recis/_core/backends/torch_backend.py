@@ -323,6 +323,16 @@ class TorchBackend(Backend):
             coef = torch.where(denom != 0, coef / torch.where(denom != 0, denom, 1.0), 0.0)
         return grad.index_add_(0, inverse, grad_out[bag_of] * coef[:, None])
 
+    # -- policy metadata ---------------------------------------------------------------------
+    def decayed_count_touch(self, count, last, rows, clock, decay):
+        c = self._read(count, rows).view(-1)
+        if decay < 1:
+            exponent = (clock - self._read(last, rows).view(-1)).to(torch.float64)
+            c = c * torch.pow(torch.tensor(decay, dtype=torch.float64, device=c.device),
+                              exponent)
+        self.scatter(count, rows, (c + 1).view(-1, 1).to(count.dtype))
+        self.scatter(last, rows, clock.reshape(1, 1).to(last.dtype))
+
     # -- optimizer updates: gather, compute, scatter --------------------------------------------
     def adam_update(self, emb, exp_avg, exp_avg_sq, rows, grad, *, decay, beta1, beta2, alpha,
                     eps, l2):

@@ -533,8 +533,8 @@ class GlobalStepFilterHookImpl(BaseFilterHookImpl):
         return [SlotSpec(self._name, (1,), torch.int64, 0)]
 
     def on_touch(self, store: TableStore, rows: Tensor) -> None:
-        if rows.numel():
-            store.write(self._name, rows, self._global_step.view(1, 1))
+        if rows.numel():  # the kernel alone: the rows are valid and the touch marks them
+            store.backend.scatter(store.block_list(self._name), rows, self._global_step.view(1, 1))
 
     def update_step(self, step_size: int = 1) -> None:
         self._global_step += step_size
@@ -716,9 +716,9 @@ class LRUFilterHookImpl(_CapacityFilter):
         return [SlotSpec(self._name, (1,), torch.int64, 0)]
 
     def on_touch(self, store: TableStore, rows: Tensor) -> None:
-        if rows.numel():
+        if rows.numel():  # the kernel alone: the rows are valid and the touch marks them
             self._clock += 1
-            store.write(self._name, rows, self._clock.view(1, 1))
+            store.backend.scatter(store.block_list(self._name), rows, self._clock.view(1, 1))
 
     def extra_repr(self) -> str:
         return f"max_rows={self.max_rows}, name={self._name!r}, " \
@@ -776,10 +776,10 @@ class LFUFilterHookImpl(_CapacityFilter):
         return count, last
 
     def on_touch(self, store: TableStore, rows: Tensor) -> None:
-        if rows.numel():
-            count, _ = self._frequency(rows)
-            store.write(f"{self._name}_count", rows, (count + 1).view(-1, 1))
-            store.write(f"{self._name}_step", rows, self._clock.expand(rows.numel()).view(-1, 1))
+        if rows.numel():  # one fused kernel: the rows are valid and the touch marks them
+            store.backend.decayed_count_touch(store.block_list(f"{self._name}_count"),
+                                              store.block_list(f"{self._name}_step"), rows,
+                                              self._clock, self.decay)
 
     def update_step(self, step_size: int = 1) -> None:
         self._clock += step_size
