@@ -227,19 +227,25 @@ def test_map_resolve_and_insert_missing(with_tags):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.int64, torch.int32])
-def test_kth_smallest(dtype):
+def test_split_at_kth(dtype):
     gen = torch.Generator().manual_seed(6)
     ties = torch.randint(-5, 5, (1000,), generator=gen)
     ties[:2] = torch.tensor([-(2**30), 2**30])
     mostly_zero = torch.zeros(1000, dtype=torch.int64)
     mostly_zero[::50] = torch.randint(-3, 4, (20,), generator=gen)
+    subset = torch.randperm(1000, generator=gen)[:600].sort().values
     for values in (ties, mostly_zero, torch.arange(1000), torch.randperm(1000, generator=gen),
                    torch.zeros(1000, dtype=torch.int64), torch.tensor([42])):
         values = values.to(dtype)
-        for k in sorted({1, 2, 137, 500, 999, 1000} & set(range(1, values.numel() + 1))):
-            got = [b.kth_smallest(values, k) for b in (NUMBA, TORCH)]
-            assert got[0].dtype == got[1].dtype == dtype and got[0].dim() == 0
-            assert torch.equal(got[0], got[1]) and got[1] == values.sort().values[k - 1]
+        for index in (None, subset[subset < values.numel()]):
+            picked = values if index is None else values[index]
+            positions = torch.arange(values.numel()) if index is None else index
+            for k in sorted({1, 2, 137, 500, 599, 1000} & set(range(1, picked.numel() + 1))):
+                kth = picked.sort().values[k - 1]
+                expected = (positions[picked < kth], positions[picked == kth])
+                for backend in (NUMBA, TORCH):
+                    got = backend.split_at_kth(values, index, k)
+                    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_map_items_lists_live_keys_by_row():

@@ -174,9 +174,12 @@ class Backend:
         ``num_rows``)."""
         raise NotImplementedError
 
-    def kth_smallest(self, values: Tensor, k: int) -> Tensor:
-        """The ``k``-th smallest (1-based) of the 1-D ``values`` (no NaN), as a 0-d tensor (the
-        value of ``torch.kthvalue``; eviction splits its order at it)."""
+    def split_at_kth(self, values: Tensor, index: Tensor | None, k: int
+                     ) -> tuple[Tensor, Tensor]:
+        """Of ``values[index]`` (1-D, no NaN; all of ``values`` when ``index`` is None), the
+        entries below the ``k``-th smallest (1-based) and those equal to it: ``(below,
+        equal)``, positions into ``values`` in the order of ``index`` (eviction's order is
+        split at the k-th value, one key at a time)."""
         raise NotImplementedError
 
     # -- blocks --------------------------------------------------------------------------------

@@ -130,12 +130,12 @@ class NumbaBackend(TorchBackend):
     def map_items(self, table, num_rows):
         return tuple(torch.from_numpy(a) for a in nk.map_items(table.numpy(), num_rows))
 
-    def kth_smallest(self, values, k):
+    def split_at_kth(self, values, index, k):
         if values.dtype not in NUMBA_DTYPES:
-            return super().kth_smallest(values, k)
-        # np.partition is 5-50x slower when a value repeats (e.g. 90% zeros), torch.kthvalue
-        # sorts an index array along: the kernel is 2-10x faster than the slower of them
-        return torch.tensor(nk.kth_smallest(values.numpy(), k - 1), dtype=values.dtype)
+            return super().split_at_kth(values, index, k)
+        below, equal = nk.split_at_kth(values.numpy(), _EMPTY_TAGS if index is None
+                                       else index.numpy(), index is None, k - 1)
+        return torch.from_numpy(below), torch.from_numpy(equal)
 
     # -- blocks --------------------------------------------------------------------------------
     def _addresses(self, blocks: BlockList, rows: Tensor) -> np.ndarray:

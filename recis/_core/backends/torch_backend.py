@@ -295,8 +295,12 @@ class TorchBackend(Backend):
     def map_items(self, table, num_rows):
         return map_items(table[:, 0], table[:, 1], num_rows)
 
-    def kth_smallest(self, values, k):
-        return values.kthvalue(k).values
+    def split_at_kth(self, values, index, k):
+        if index is None:
+            index = torch.arange(values.numel(), device=values.device)
+        picked = values[index]
+        kth = picked.kthvalue(k).values
+        return index[picked < kth], index[picked == kth]
 
     # -- blocks --------------------------------------------------------------------------------
     def gather(self, blocks, rows, out):

@@ -574,20 +574,19 @@ def worst_beyond(max_rows: int, keys: list[Tensor]) -> Tensor:
     need = n - max_rows
     if need <= 0:
         return remove
-    kth_smallest = backend_for(keys[0].device).kth_smallest
-    tied = torch.arange(n, device=keys[0].device)  # rows tied on the keys so far
+    split_at_kth = backend_for(keys[0].device).split_at_kth
+    tied = None  # rows tied on the keys so far, ascending (None: all)
     for key in keys:
-        values = key[tied] if tied.numel() < n else key
-        low, high = values.aminmax()
+        low, high = (key if tied is None else key[tied]).aminmax()
         if low == high:  # no split (e.g. the tags of a plain table)
             continue
-        kth = kth_smallest(values, need)  # fewer than `need` values are below it
-        below = tied[values < kth]
+        below, tied = split_at_kth(key, tied, need)  # fewer than `need` below the k-th value
         remove[below] = True
         need -= below.numel()
-        tied = tied[values == kth]
         if tied.numel() == need:
             break
+    if tied is None:
+        tied = torch.arange(n, device=remove.device)
     remove[tied[:need]] = True  # the rest, tied on every key: the lowest positions
     return remove
 
