@@ -176,6 +176,18 @@ def test_an_incremental_checkpoint_after_lookups_holds_their_stamps(tmp_path):
     assert _ids(resumed) == _ids(table) and _slots_by_id(resumed) == _slots_by_id(table)
 
 
+@pytest.mark.parametrize("policy", ["LRU", "LFU"])
+def test_make_room_is_called_only_for_a_cap_on_insert(policy, monkeypatch):
+    calls = []
+    for cap in (False, True):
+        table = _table(FilterHook(policy, {"max_rows": 5, "cap_on_insert": cap}))
+        impl = table._filter_hook_impl
+        monkeypatch.setattr(impl, "make_room", lambda store, new, keep: calls.append(new))
+        table(torch.arange(3))
+        table.insert(torch.arange(3, 5), torch.ones(2, 4))
+        assert impl.caps_inserts is cap and len(calls) == (2 if cap else 0)
+
+
 def _admitted(seed: int, p: float, batches) -> list[set[int]]:
     table = HashTable([2], name="t")
     hook = AdmitHook("Probability", {"p": p, "seed": seed})

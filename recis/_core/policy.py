@@ -43,6 +43,12 @@ class TablePolicy:
         the write lock): a policy that caps the table may remove rows now, never ``keep`` (the
         rows the same lookup uses). Default: nothing."""
 
+    @property
+    def caps_inserts(self) -> bool:
+        """Whether :meth:`make_room` may remove rows: the store calls it (and prepares its
+        arguments, a pass over the batch's rows) only then. Default: the class defines it."""
+        return type(self).make_room is not TablePolicy.make_room
+
     def policy_state(self) -> dict[str, Tensor]:
         """The policy's own state as tensors, saved and restored with the table."""
         return {}

@@ -663,6 +663,10 @@ class _CapacityFilter(_ClockFilter):
     def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
         return worst_beyond(self.max_rows, self.order_keys(ids, tags, rows))
 
+    @property
+    def caps_inserts(self) -> bool:
+        return self.cap_on_insert
+
     @torch.no_grad()
     def make_room(self, store: TableStore, new: int, keep: Tensor) -> None:
         if not self.cap_on_insert or len(store) + new <= self.max_rows:
