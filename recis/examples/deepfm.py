@@ -27,6 +27,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -256,6 +257,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-steps", type=int, default=None,
                    help="save a checkpoint every N steps into OUTPUT/checkpoints and resume "
                         "from it when run again (default: no checkpoints)")
+    p.add_argument("--export", nargs="?", const="fp32", choices=["fp32", "fp16", "int8"],
+                   metavar="ROWS",
+                   help="after training, write the model for serving into OUTPUT/export "
+                        "(recis.export), rows as fp32 (the default: as trained), fp16 or int8; "
+                        "python -m recis.examples.serve OUTPUT/export --data FILES scores files")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run's results in --output")
     p.add_argument("--tensorboard", action="store_true",
@@ -318,6 +324,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rank, world = init_distributed()
+    if args.export and world > 1:
+        raise ValueError("--export needs one process (the tables are sharded under torchrun); "
+                         "export from a checkpoint loaded in one process")
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
                          f"processes ({world})")
@@ -382,6 +391,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data": source,
         "tables": tables,
     }
+    if args.export:
+        from recis.export import export
+
+        path = os.path.join(args.output, "export")
+        if args.overwrite:
+            shutil.rmtree(path, ignore_errors=True)  # an earlier run's export
+        export(model, path, dtype=args.export, config={"model": "DeepFM",
+                                                       "kwargs": model.structure})
+        result["export"] = path
     if rank == 0:
         _write_metrics(args, {**result, "history": trainer.history})
         plot(trainer.history, os.path.join(args.output, "training.png"))
