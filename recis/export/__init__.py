@@ -112,8 +112,6 @@ def export(model: nn.Module, path: str | os.PathLike, *, dtype: str = "fp32",
         >>> export(emb, "user_export")["tables"]["user"]["ids"]
         3
     """
-    from recis.nn.modules.hashtable import split_sparse_dense_state_dict
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if dtype not in ROW_FORMATS:
@@ -151,7 +149,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, dtype: str = "fp32",
             tensors[f"{name}.scale"] = scale
         tables[name] = {"ids": ids.numel(), "dim": rows.shape[1], "max_abs_error": error,
                         "hashtable": table.name, "child": child}
-    dense = _dense_state(model, [p for p, _ in modules], split_sparse_dense_state_dict)
+    dense = _dense_state(model, [p for p, _ in modules])
     manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype, "tables": tables,
                 "modules": module_specs, "dense": sorted(dense), "config": config}
     staging = os.path.join(os.path.dirname(os.path.abspath(path)),
@@ -261,13 +259,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
                              f", the export {sorted(want, key=str)}")
     if "" in twins:
         return twins[""].eval()
+    dense = load_file(os.path.join(os.fspath(path), DENSE))
+    _check_dense(_dense_state(model, list(found)), dense)  # before the model is changed
     for prefix, twin in twins.items():
         model.set_submodule(prefix, twin)
-    dense = load_file(os.path.join(os.fspath(path), DENSE))
-    result = model.load_state_dict(dense, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"model's dense weights do not match the export: missing "
-                         f"{result.missing_keys}, unexpected {result.unexpected_keys}")
+    model.load_state_dict(dense, strict=True)
     return model.eval()
 
 
@@ -406,11 +402,13 @@ def _child_rows(ids: Tensor, tags: Tensor, values: Tensor, child_index: int, chi
     return ids.contiguous(), values.reshape(ids.numel(), -1).contiguous()
 
 
-def _dense_state(model: nn.Module, embedding_prefixes: list[str], split) -> dict[str, Tensor]:
+def _dense_state(model: nn.Module, embedding_prefixes: list[str]) -> dict[str, Tensor]:
     """The model's state_dict without tables and embedding modules: tensors only, unshared."""
+    from recis.nn.modules.hashtable import split_sparse_dense_state_dict
+
     if "" in embedding_prefixes:
         return {}
-    _, dense = split(model.state_dict())
+    _, dense = split_sparse_dense_state_dict(model.state_dict())
     out = {}
     for key, value in dense.items():
         if any(key.startswith(p + ".") for p in embedding_prefixes):
@@ -420,6 +418,16 @@ def _dense_state(model: nn.Module, embedding_prefixes: list[str], split) -> dict
                              "export writes tensors only")
         out[key] = value.detach().cpu().clone().contiguous()
     return out
+
+
+def _check_dense(want: Mapping[str, Tensor], have: Mapping[str, Tensor]) -> None:
+    problems = [f"missing {sorted(set(want) - set(have))}"] if set(want) - set(have) else []
+    if set(have) - set(want):
+        problems.append(f"unexpected {sorted(set(have) - set(want))}")
+    problems += [f"{k}: {tuple(have[k].shape)} in the export, {tuple(v.shape)} in the model"
+                 for k, v in want.items() if k in have and have[k].shape != v.shape]
+    if problems:
+        raise ValueError("model's dense weights do not match the export: " + "; ".join(problems))
 
 
 def _twin(spec: Mapping[str, Any], tables: Mapping[str, FrozenTable]) -> nn.Module:

@@ -95,7 +95,7 @@ class FrozenTable(nn.Module):
 
     def positions(self, ids: Tensor) -> Tensor:
         """Row index of each ID (flattened); ``num_ids`` (the zero row) for unknown IDs."""
-        flat = ids.reshape(-1)
+        flat = ids.reshape(-1).contiguous()
         n = self.ids.numel()
         if n == 0:
             return torch.zeros_like(flat)
