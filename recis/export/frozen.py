@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["FrozenTable", "FrozenEmbedding", "FrozenEngine", "combine_bags", "COMBINERS"]
@@ -100,15 +101,15 @@ class FrozenTable(nn.Module):
         if n == 0:
             return torch.zeros_like(flat)
         pos = torch.searchsorted(self.ids, flat).clamp(max=n - 1)
-        return torch.where(self.ids[pos] == flat, pos, n)
+        return torch.where(self.ids.index_select(0, pos) == flat, pos, n)
 
     def forward(self, ids: Tensor) -> Tensor:
         if not isinstance(ids, Tensor) or not _is_int_dtype(ids.dtype):
             raise TypeError(f"ids must be an integer tensor, got {_describe(ids)}")
         index = self.positions(ids.to(torch.int64))
-        out = self.rows[index]
+        out = self.rows.index_select(0, index)
         if self.scale is not None:
-            return out.to(torch.float32) * self.scale[index].unsqueeze(1)
+            return out.to(torch.float32) * self.scale.index_select(0, index).unsqueeze(1)
         return out.to(torch.float32)
 
     def extra_repr(self) -> str:
@@ -118,23 +119,26 @@ class FrozenTable(nn.Module):
 
 
 def combine_bags(rows: Tensor, offsets: Tensor, weights: Tensor | None = None,
-                 combiner: str = "sum", tile_len: int | None = None) -> Tensor:
+                 combiner: str = "sum", tile_len: int | None = None,
+                 index: Tensor | None = None) -> Tensor:
     """Reduce the rows of bags of IDs to one output per bag.
 
     Args:
-        rows (Tensor): ``(N, D)`` float32 rows of the IDs, in bag order.
+        rows (Tensor): ``(R, D)`` float32 rows.
         offsets (Tensor): ``(B + 1,)`` int64 bag boundaries from 0 to ``N``.
         weights (Tensor, optional): ``(N,)`` per-ID weights (sum and mean).
         combiner (str): ``"sum"`` (``sum_i w_i e_i``), ``"mean"`` (``sum_i w_i e_i /
             sum_i w_i``, 0 for an empty bag or zero total weight) or ``"tile"`` (the first
             ``tile_len`` rows of each bag, zero-padded).
+        index (Tensor, optional): ``(N,)`` the row in ``rows`` of each ID, in bag order.
+            Default: ``rows`` are the IDs' rows in order (``R = N``).
 
     Returns:
         ``(B, D)``, or ``(B, tile_len, D)`` for tile.
 
-    Each bag's rows are added in order into a zero row (float32, the weight multiplied first),
-    and a mean scales that sum by ``1 / total weight`` (total in float64, the factor rounded to
-    float32): the order of the training kernels, so equal rows give equal outputs.
+    Each bag's rows are added in order into a zero row (float32), and a mean scales that sum
+    by ``1 / total weight`` (total in float64, the factor rounded to float32): the order of
+    the training kernels, so equal rows give equal outputs for unweighted bags.
 
     Example::
 
@@ -142,24 +146,29 @@ def combine_bags(rows: Tensor, offsets: Tensor, weights: Tensor | None = None,
         tensor([[1., 1.],
                 [1., 1.]])
     """
-    num_bags = offsets.numel() - 1
-    n, width = rows.shape
+    if index is None:
+        index = torch.arange(rows.shape[0], device=rows.device)
+    num_bags, n = offsets.numel() - 1, index.numel()
     if combiner == "tile":
         positions = offsets[:-1].unsqueeze(1) + torch.arange(tile_len, device=rows.device)
         positions = torch.where(positions < offsets[1:].unsqueeze(1), positions, n)
-        return torch.cat([rows, rows.new_zeros(1, width)])[positions]
+        zero_row = torch.full((1,), rows.shape[0], dtype=index.dtype, device=index.device)
+        picked = torch.cat([index, zero_row])[positions]  # (B, tile_len)
+        return torch.cat([rows, rows.new_zeros(1, rows.shape[1])])[picked]
     if combiner not in ("sum", "mean"):
         raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
-    bag_of = torch.searchsorted(offsets[1:], torch.arange(n, device=rows.device), right=True)
     if weights is not None:
-        weights = weights.to(torch.float32)
-        rows = rows * weights.unsqueeze(1)
-    out = rows.new_zeros(num_bags, width).index_add_(0, bag_of, rows)  # in order, per bag
+        weights = weights.to(rows.dtype)
+    out = F.embedding_bag(index, rows, offsets, mode="sum", per_sample_weights=weights,
+                          include_last_offset=True)
     if combiner == "mean":
-        each = (weights.to(torch.float64) if weights is not None
-                else torch.ones(n, dtype=torch.float64, device=rows.device))
-        total = torch.zeros(num_bags, dtype=torch.float64, device=rows.device)
-        total = total.index_add_(0, bag_of, each)
+        if weights is None:
+            total = (offsets[1:] - offsets[:-1]).to(torch.float64)
+        else:
+            bag_of = torch.searchsorted(offsets[1:], torch.arange(n, device=rows.device),
+                                        right=True)
+            total = torch.zeros(num_bags, dtype=torch.float64, device=rows.device)
+            total = total.index_add_(0, bag_of, weights.to(torch.float64))
         factor = torch.where(total != 0, 1.0 / total, torch.zeros_like(total))
         out = out * factor.to(torch.float32).unsqueeze(1)
     return out
@@ -204,8 +213,13 @@ class FrozenEmbedding(nn.Module):
     def forward(self, ids: Any, offsets: Tensor | None = None,
                 weights: Tensor | None = None) -> Tensor:
         values, offsets, weights, ragged = _as_bags(ids, offsets, weights)
-        out = combine_bags(self.table(values), offsets, weights if self.use_weight else None,
-                           self.combiner, self.tile_len)
+        weights = weights if self.use_weight else None
+        table = self.table
+        if table.scale is None and table.rows.dtype == torch.float32:  # read in place
+            out = combine_bags(table.rows, offsets, weights, self.combiner, self.tile_len,
+                               index=table.positions(values))
+        else:
+            out = combine_bags(table(values), offsets, weights, self.combiner, self.tile_len)
         if self.combiner == "tile" and not ragged:
             out = out.flatten(1)
         return out
