@@ -95,10 +95,20 @@ def test_frozen_embedding_equals_dynamic_embedding_in_eval(combiner, tmp_path):
         for ids in (_ragged(1, vocab=500), _ragged(2, bags=1), dense, dense[:, 0]):
             assert torch.equal(frozen(ids), emb(ids))
         rt = _ragged(3, vocab=500)
-        assert torch.equal(frozen(rt.values(), rt.offsets()[0]), emb(rt))
-        # weighted bags: the training kernel fuses multiply-adds, so the last bits may differ
+        assert torch.equal(frozen((rt.values(), rt.offsets()[0])), emb(rt))
+        # weighted bags: kernels may fuse multiply-adds differently, so the last bits may differ
         weighted = RaggedTensor(rt.values(), rt.offsets(), torch.rand(rt.values().numel()))
         torch.testing.assert_close(frozen(weighted), emb(weighted), rtol=1e-5, atol=1e-6)
+        w = torch.rand(dense.shape)
+        torch.testing.assert_close(frozen(dense, w), emb(dense, w), rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="either inside the ragged input or as"):
+            frozen(weighted, torch.rand(rt.values().numel()))
+
+
+def test_an_empty_table_exports_and_reads_zeros(tmp_path):
+    emb = DynamicEmbedding(_option("user", dim=4))
+    assert export(emb, tmp_path / "e", dtype="int8")["tables"]["user"]["ids"] == 0
+    assert torch.equal(load(tmp_path / "e")(torch.tensor([[1, 2]])), torch.zeros(1, 4))
 
 
 def test_engine_export_keeps_shared_and_coalesced_tables(tmp_path):

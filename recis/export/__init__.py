@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -129,6 +130,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, dtype: str = "fp32",
     sources: dict[str, tuple[Any, str]] = {}  # logical table -> (HashTable, child)
     module_specs = {}
     for prefix, module in modules:
+        _check_unsharded(module, prefix)
         features = {fea: _feature_spec(module, fea, opt, sources, prefix)
                     for fea, opt in _options(module).items()}
         kind = type(module).__name__
@@ -140,7 +142,8 @@ def export(model: nn.Module, path: str | os.PathLike, *, dtype: str = "fp32",
     for name, (table, child) in sources.items():
         if id(table) not in snapshots:
             snapshots[id(table)] = _snapshot(table)
-        ids, rows = _child_rows(*snapshots[id(table)], table.child_index(child), child)
+        ids, rows = _child_rows(*snapshots[id(table)], table.child_index(child), child,
+                                table.embedding_shape)
         stored, scale = quantize_rows(rows, dtype)
         restored = stored.to(torch.float32) if scale is None else stored.float() * scale[:, None]
         error = float((restored - rows).abs().max()) if rows.numel() else 0.0
@@ -362,15 +365,8 @@ def _feature_spec(module: nn.Module, feature: str | None, opt: Any,
     where = f"model.{prefix}" if prefix else "model"
     if isinstance(module, DynamicEmbedding):
         table, child = module.hashtable, module.hashtable.children_hashtable[0]
-        if module.sharding is not None:
-            raise ValueError(f"{where}: the table is sharded over processes; export from one "
-                             "process (load the checkpoint into an unsharded model)")
     else:
         table, child = module.hashtable(feature), module.child_name(feature)
-        if any(m.sharding is not None for m in module.modules()
-               if isinstance(m, DynamicEmbedding)):
-            raise ValueError(f"{where}: the tables are sharded over processes; export from one "
-                             "process (load the checkpoint into an unsharded model)")
     if not table.dtype.is_floating_point:
         raise ValueError(f"{where}: table {child!r} stores {table.dtype} rows; export takes "
                          "floating-point tables")
@@ -382,6 +378,15 @@ def _feature_spec(module: nn.Module, feature: str | None, opt: Any,
             "use_weight": opt.use_weight}
 
 
+def _check_unsharded(module: nn.Module, prefix: str) -> None:
+    from recis.nn import DynamicEmbedding
+
+    if any(m.sharding is not None for m in module.modules() if isinstance(m, DynamicEmbedding)):
+        raise ValueError(f"model.{prefix or '(root)'}: its tables are sharded over processes; "
+                         "export from one process (load the checkpoint into an unsharded "
+                         "model)")
+
+
 def _snapshot(table: Any) -> tuple[Tensor, Tensor, Tensor]:
     """``(ids, child indices, rows)`` of every live entry of a table, one consistent read."""
     from recis._core.store import EMBEDDING
@@ -391,15 +396,15 @@ def _snapshot(table: Any) -> tuple[Tensor, Tensor, Tensor]:
         return ids.cpu(), tags.cpu(), table.slot_values(EMBEDDING, rows).cpu()
 
 
-def _child_rows(ids: Tensor, tags: Tensor, values: Tensor, child_index: int, child: str
-                ) -> tuple[Tensor, Tensor]:
+def _child_rows(ids: Tensor, tags: Tensor, values: Tensor, child_index: int, child: str,
+                row_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """``(ids, rows)`` of one logical table of a snapshot, sorted by ID, rows float32."""
     keep = tags == child_index
     ids, order = torch.sort(ids[keep])
     values = values[keep][order].to(torch.float32)
     if not bool(torch.isfinite(values).all()):
         raise ValueError(f"table {child!r} holds non-finite values (inf/nan); nothing exported")
-    return ids.contiguous(), values.reshape(ids.numel(), -1).contiguous()
+    return ids.contiguous(), values.reshape(ids.numel(), math.prod(row_shape)).contiguous()
 
 
 def _dense_state(model: nn.Module, embedding_prefixes: list[str]) -> dict[str, Tensor]:

@@ -186,11 +186,14 @@ class FrozenEmbedding(nn.Module):
         tile_len (int, optional): rows kept per bag, ``combiner="tile"`` only.
         use_weight (bool): honour per-ID weights of ragged inputs. Default: True.
 
+    ``forward(ids, input_weights=None)`` as :class:`~recis.nn.DynamicEmbedding`'s: weights
+    with one value per ID, unless the ragged input carries its own.
+
     Example::
 
         >>> table = FrozenTable(torch.tensor([3, 7]), torch.tensor([[1.0], [2.0]]))
         >>> emb = FrozenEmbedding(table, combiner="mean")
-        >>> emb(torch.tensor([7, 3, 5]), torch.tensor([0, 2, 3]))  # bags [7, 3] and [5]
+        >>> emb((torch.tensor([7, 3, 5]), torch.tensor([0, 2, 3])))  # bags [7, 3] and [5]
         tensor([[1.5000],
                 [0.0000]])
     """
@@ -210,9 +213,8 @@ class FrozenEmbedding(nn.Module):
         self.tile_len = tile_len if combiner == "tile" else None
         self.use_weight = use_weight
 
-    def forward(self, ids: Any, offsets: Tensor | None = None,
-                weights: Tensor | None = None) -> Tensor:
-        values, offsets, weights, ragged = _as_bags(ids, offsets, weights)
+    def forward(self, ids: Any, input_weights: Tensor | None = None) -> Tensor:
+        values, offsets, weights, ragged = _as_bags(ids, input_weights)
         weights = weights if self.use_weight else None
         table = self.table
         if table.scale is None and table.rows.dtype == torch.float32:  # read in place
@@ -288,19 +290,23 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
-def _as_bags(ids: Any, offsets: Tensor | None, weights: Tensor | None
+def _as_bags(ids: Any, input_weights: Tensor | None
              ) -> tuple[Tensor, Tensor, Tensor | None, bool]:
     """``(values, offsets, weights, ragged)`` of any accepted input (module docstring)."""
+    offsets = weights = None
     if isinstance(ids, (tuple, list)):
-        if offsets is not None or len(ids) not in (2, 3):
+        if len(ids) not in (2, 3):
             raise TypeError("a ragged input is a tuple (values, offsets) or (values, offsets, "
                             f"weights), got a {type(ids).__name__} of {len(ids)}")
-        ids, offsets, weights = (*ids, None)[:3] if len(ids) == 2 else ids
+        ids, offsets, weights = ids if len(ids) == 3 else (*ids, None)
     elif not isinstance(ids, Tensor) and callable(getattr(ids, "offsets", None)):
         levels = ids.offsets()
         if len(levels) != 1:
             raise ValueError(f"ragged ids must have one ragged level, got {len(levels)}")
         ids, offsets, weights = ids.values(), levels[0], ids.weight()
+    if weights is not None and input_weights is not None:
+        raise ValueError("give weights either inside the ragged input or as input_weights")
+    weights = input_weights if weights is None else weights
     if not isinstance(ids, Tensor) or not _is_int_dtype(ids.dtype):
         raise TypeError(f"ids must be an integer tensor, got {_describe(ids)}")
     if offsets is not None:
@@ -308,8 +314,7 @@ def _as_bags(ids: Any, offsets: Tensor | None, weights: Tensor | None
                 or offsets.dim() != 1 or ids.dim() != 1:
             raise ValueError(f"a ragged input needs 1-D ids and 1-D integer offsets, got ids "
                              f"{_describe(ids)} and offsets {_describe(offsets)}")
-        offsets = offsets.to(torch.int64)
-        ragged = True
+        offsets, ragged = offsets.to(torch.int64), True
     elif ids.dim() in (1, 2):
         per_bag = 1 if ids.dim() == 1 else ids.shape[1]
         offsets = torch.arange(ids.shape[0] + 1, device=ids.device) * per_bag
