@@ -45,11 +45,12 @@ class Scorer(nn.Module):
         return self.model.logits(batch)
 
 
-def build_model(path: str) -> nn.Module:
+def build_model(path: str, manifest: Mapping[str, Any] | None = None) -> nn.Module:
     """The DeepFM of the export at ``path``, with frozen tables, in eval mode."""
     from recis.examples.deepfm_model import DeepFM
 
-    config = read_manifest(path).get("config", {})
+    manifest = read_manifest(path) if manifest is None else manifest
+    config = manifest.get("config", {})
     if config.get("model") != "DeepFM" or not isinstance(config.get("kwargs"), dict):
         raise ValueError(f"EXPORT {path!r} does not hold a DeepFM (its manifest config is "
                          f"{config!r}); write it with python -m recis.examples.deepfm --export")
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from recis.metrics import binary_auroc
 
     args = _parse_args(argv)
-    model = build_model(args.export)
+    manifest = read_manifest(args.export)
+    model = build_model(args.export, manifest)
     columns = None
     if args.columns:
         columns = "criteo" if args.columns == "criteo" else [c.strip() for c in
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "examples_per_second": round(logit.numel() / max(seconds, 1e-9), 1),
         "program": "eager" if args.eager else "torch.export",
         "trace_seconds": round(trace_seconds, 2),
-        "rows": read_manifest(args.export)["dtype"],
+        "rows": manifest["dtype"],
     }
     print(json.dumps(result), flush=True)
     return result

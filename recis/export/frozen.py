@@ -51,7 +51,8 @@ class FrozenTable(nn.Module):
             ``rows[i] * scale[i]``.
 
     ``forward(ids)`` returns the float32 rows ``(ids.numel(), D)`` of IDs of any shape; IDs that
-    are not in the table give zero rows.
+    are not in the table give zero rows. The tensors are buffers outside ``state_dict()``: the
+    export directory (:mod:`recis.export`) is the saved form.
 
     Example::
 
