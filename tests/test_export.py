@@ -25,7 +25,7 @@ from recis.export import (
     read_manifest,
     serving_inputs,
 )
-from recis.nn import DynamicEmbedding, EmbeddingEngine, EmbeddingOption
+from recis.nn import DynamicEmbedding, EmbeddingEngine, EmbeddingOption, HashTable
 from recis.nn.initializers import NormalInitializer
 from recis.nn.modules.hashtable import filter_out_sparse_param
 from recis.optim import SparseAdamW
@@ -265,9 +265,13 @@ def test_export_and_load_reject_bad_input_with_clear_errors(trained, tmp_path):
         export(model, tmp_path / "a", dtype="bf16")
     with pytest.raises(ValueError, match="no DynamicEmbedding or EmbeddingEngine"):
         export(torch.nn.Linear(2, 2), tmp_path / "b")
+    mixed = torch.nn.ModuleDict({"emb": DynamicEmbedding(_option("a")),
+                                 "raw": HashTable([4], name="raw")})
+    with pytest.raises(ValueError, match="HashTable outside any DynamicEmbedding"):
+        export(mixed, tmp_path / "d")
     with pytest.raises(TypeError, match="config must be a JSON-serialisable dict"):
         export(model, tmp_path / "c", config={"f": object()})
-    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+    assert not any((tmp_path / name).exists() for name in "abcd")
     with pytest.raises(FileNotFoundError, match="not a recis export"):
         load(tmp_path)
     with pytest.raises(ValueError, match="pass model="):

@@ -127,6 +127,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, dtype: str = "fp32",
     modules = _embedding_modules(model)
     if not modules:
         raise ValueError("model holds no DynamicEmbedding or EmbeddingEngine to export")
+    _check_no_bare_tables(model, [p for p, _ in modules])
     sources: dict[str, tuple[Any, str]] = {}  # logical table -> (HashTable, child)
     module_specs = {}
     for prefix, module in modules:
@@ -376,6 +377,17 @@ def _feature_spec(module: nn.Module, feature: str | None, opt: Any,
                          f"and {table.name!r}); give them distinct shared_name")
     return {"table": child, "combiner": opt.combiner, "tile_len": opt.tile_len,
             "use_weight": opt.use_weight}
+
+
+def _check_no_bare_tables(model: nn.Module, embedding_prefixes: list[str]) -> None:
+    from recis.nn import HashTable
+
+    for prefix, module in model.named_modules():
+        if isinstance(module, HashTable) and not any(
+                p == "" or prefix.startswith(p + ".") for p in embedding_prefixes):
+            raise ValueError(f"model.{prefix} is a HashTable outside any DynamicEmbedding or "
+                             "EmbeddingEngine; export knows no combiner for it (wrap it in "
+                             "a DynamicEmbedding)")
 
 
 def _check_unsharded(module: nn.Module, prefix: str) -> None:
