@@ -430,6 +430,14 @@ def _write_metrics(args: argparse.Namespace, record: dict[str, Any]) -> None:
 _USER_ERRORS = (ValueError, TypeError, OSError, ImportError, RuntimeError)
 
 
+def error_line(err: BaseException) -> str:
+    """A user error in one line; one that may not be the user's says how to see the traceback."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    if not isinstance(err, (ValueError, OSError)):
+        message += f" ({type(err).__name__}; RECIS_TRACEBACK=1 shows the traceback)"
+    return message
+
+
 def run(argv: list[str] | None = None) -> int:
     """The command line: :func:`main`, with every user error reported in one line on stderr
     (exit 2; set ``RECIS_TRACEBACK=1`` for the traceback) and Ctrl-C stopping at the next
@@ -456,10 +464,7 @@ def run(argv: list[str] | None = None) -> int:
     except _USER_ERRORS as err:
         if os.environ.get("RECIS_TRACEBACK"):
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        if not isinstance(err, (ValueError, OSError)):  # maybe not the user's: say how to see
-            message += f" ({type(err).__name__}; RECIS_TRACEBACK=1 shows the traceback)"
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {error_line(err)}", file=sys.stderr, flush=True)
         return 2
     finally:
         import torch.distributed as dist

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from recis.examples.deepfm import _USER_ERRORS, _files, _OneLineParser
+from recis.examples.deepfm import _USER_ERRORS, _files, _OneLineParser, error_line
 from recis.export import exported_program, load, read_manifest, serving_inputs
 
 PROG = "python -m recis.examples.serve"
@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """What :func:`trace`'s program takes from a data batch: ``dense`` then the fields, in
-    that order, ragged fields as ``(values, offsets)`` tuples."""
+    """The model's inputs from a data batch: ``dense`` then the fields, in that order (one
+    structure for every batch, as an exported program needs), ragged fields as ``(values,
+    offsets)`` tuples."""
     keys = (["dense"] if model.num_dense else []) + model.sparse_fields
     return serving_inputs({k: batch[k] for k in keys})
 
@@ -133,8 +134,7 @@ def run(argv: list[str] | None = None) -> int:
     except _USER_ERRORS as err:
         if os.environ.get("RECIS_TRACEBACK"):
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {error_line(err)}", file=sys.stderr, flush=True)
         return 2
 
 
