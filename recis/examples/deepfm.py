@@ -15,7 +15,9 @@ and ``--batch-size`` is the global batch (each process takes its share of every 
 processes reach the results of one.
 
 Prints a progress bar, then one JSON line with the final figures; writes
-``OUTPUT/metrics.json`` and ``OUTPUT/training.png`` (loss, eval AUC, live IDs per table).
+``OUTPUT/metrics.json`` and ``OUTPUT/training.png`` (loss, eval AUC, live IDs per table);
+with ``--export``, ``OUTPUT/export``: the model frozen for serving (``recis.export``), which
+``python -m recis.examples.serve OUTPUT/export --data FILES`` scores files with.
 Ctrl-C stops at the next step (saving a checkpoint with ``--save-steps``; exit 130); a bad
 argument or file is one line on stderr (exit 2).
 """
