@@ -49,6 +49,7 @@ Reading a checkpoint without recis::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -65,6 +66,7 @@ from recis.nn.modules.hashtable import HashTable, Slice, gen_slice, in_slice
 from recis.serialize._files import (
     DTYPE_CODES,
     CheckpointError,
+    TensorPieces,
     atomic_write_json,
     dtype_code,
     dtype_from_name,
@@ -79,13 +81,15 @@ from recis.utils.logger import Logger
 
 logger = Logger(__name__)
 
-__all__ = ["Saver", "Loader", "CheckpointReader", "CheckpointError", "compact", "FORMAT_VERSION"]
+__all__ = ["Saver", "SaveSnapshot", "Loader", "CheckpointReader", "CheckpointError", "compact",
+           "FORMAT_VERSION"]
 
 FORMAT = "recis-checkpoint"
 FORMAT_VERSION = 2  # 2: index_checksum, per-file tensor listings, escaped names in keys
 INDEX = "index.json"
 CHECKSUM = "index_checksum"
 DENSE_FILE = "dense.safetensors"
+CLAIM = ".publishing"  # created (O_EXCL) by the shard that publishes without a barrier
 SLICE_SIZE = 65536
 
 
@@ -214,19 +218,33 @@ def _saved_slots(store) -> list[str]:
     return [spec.name for spec in store.slot_specs() if spec.saved]
 
 
-def _export_live(store, child: int, rows: Tensor | None,
-                 snapshot: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
-    """``{"id": ids, "row": rows, slot: values, ...}`` of one child's live rows (all, or
-    those among ``rows``), ordered by row."""
-    ids, tags, all_rows = snapshot
-    keep = tags == child
-    if rows is not None:
-        keep &= torch.isin(all_rows, rows)
-    ids, sel = ids[keep], all_rows[keep]
-    out = {"id": ids, "row": sel}
-    for name in _saved_slots(store):
-        out[name] = store.read(name, sel)
-    return out
+def _storage_pieces(store, slot: str, rows: Tensor, copy: bool) -> TensorPieces:
+    """Values of ``slot`` at ``rows`` (ascending storage rows) as pieces, one per block: a
+    view of the block where its rows among ``rows`` are one contiguous range (every block of
+    a table without holes), a gathered copy elsewhere. ``copy=True`` clones the views too: a
+    snapshot that later writes to the table leave as it is. Call under the table's lock."""
+    spec = store.slot_spec(slot)
+    shape = (rows.numel(), *spec.row_shape)
+    if rows.numel() == 0:
+        return TensorPieces(spec.dtype, shape, [])
+    size = store.block_size
+    blocks = store.blocks(slot)
+    edges = torch.arange(len(blocks) + 1, device=rows.device) * size
+    bounds = torch.searchsorted(rows, edges)
+    starts, ends = bounds[:-1], bounds[1:]
+    firsts = rows[starts.clamp(max=rows.numel() - 1)].tolist()
+    lasts = rows[(ends - 1).clamp(min=0)].tolist()
+    pieces = []
+    for b, (lo, hi) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        if lo == hi:
+            continue
+        first, last = firsts[b] - b * size, lasts[b] - b * size
+        if last - first == hi - lo - 1:  # one contiguous range of the block
+            view = blocks[b][first : last + 1]
+            pieces.append(view.clone() if copy else view)
+        else:
+            pieces.append(store.read(slot, rows[lo:hi]))
+    return TensorPieces(spec.dtype, shape, pieces)
 
 
 class Saver:
@@ -243,6 +261,10 @@ class Saver:
             of the sparse tensors (keys as stored: names escaped, see the module docstring).
             The index lists what was kept, so a strict load reports dropped slots missing;
             a table's ``id`` and ``row`` keys must be kept or dropped with the rest of it.
+
+    :meth:`save` writes while the tables wait (their rows go to the file straight from the
+    storage blocks, in storage order); :meth:`snapshot` copies the state and returns at once,
+    and its :meth:`SaveSnapshot.write` can then run in another thread while training goes on.
 
     Example::
 
@@ -271,7 +293,40 @@ class Saver:
         ``incremental=True`` writes only what changed since the tables were last saved and
         names ``base`` (the previous checkpoint's directory name) in the index. ``extra``
         is JSON-serialisable state stored in the index (shard 0). Returns the path.
+
+        The tables are locked until this shard's file is written (their rows are written
+        from the storage blocks, not copied). Under ``torch.distributed`` the shards meet at
+        a barrier and shard 0 publishes.
         """
+        in_full = self._start(incremental, base)
+        with contextlib.ExitStack() as locks:
+            for table in self.tables.values():
+                locks.enter_context(table.store.lock.write())
+            snap = self._capture(incremental, base, extra, in_full, copy=False)
+            snap.write_sparse()
+        collective = self.shard_num > 1 and dist.is_available() and dist.is_initialized()
+        snap.finish(collective)
+        return self.path
+
+    def snapshot(self, incremental: bool = False, base: str | None = None,
+                 extra: Mapping | None = None) -> SaveSnapshot:
+        """Copy what :meth:`save` would write (the tables' rows and slots, the dense tensors)
+        as it is now and return it; :meth:`SaveSnapshot.write` writes it later, from any
+        thread, while the tables change. Costs a copy of the saved slots in memory.
+
+        Example::
+
+            snap = Saver(path="ckpt/ckpt_000100", hashtables=tables).snapshot()
+            threading.Thread(target=snap.write).start()   # training goes on
+        """
+        in_full = self._start(incremental, base)
+        with contextlib.ExitStack() as locks:
+            for table in self.tables.values():
+                locks.enter_context(table.store.lock.write())
+            return self._capture(incremental, base, extra, in_full, copy=True)
+
+    def _start(self, incremental: bool, base: str | None) -> set[str]:
+        """Check the arguments; the tables an incremental save writes in full."""
         if incremental and not base:
             raise ValueError("an incremental save needs base= (the previous checkpoint)")
         if base is not None and not is_plain_name(base):
@@ -279,19 +334,22 @@ class Saver:
                              f"sibling of path, no separator, no leading dot), got {base!r}")
         if os.path.exists(self.path):
             raise CheckpointError(f"{self.path} already exists; checkpoints are never overwritten")
+        return self._tables_in_full(incremental)
+
+    def _capture(self, incremental: bool, base: str | None, extra: Mapping | None,
+                 in_full: set[str], copy: bool) -> SaveSnapshot:
+        """The state to write, taken under the tables' locks: IDs and rows of each child in
+        storage order, slot values as pieces of the blocks (views, or copies with ``copy``)."""
         children = _children(self.tables)
-        staging = _staging(self.path)
-        os.makedirs(staging, exist_ok=True)
         n, k = self.shard_num, self.shard_index
-        data: dict[str, Tensor] = {}
+        data: dict[str, Tensor | TensorPieces] = {}
         rows_saved: dict[str, int] = {}
         policies: dict[str, dict[str, str]] = {}
         replaced: list[str] = []
         taken = []  # (store, changes) to give back if the save fails
-        in_full = self._tables_in_full(incremental)
-        for table in self.tables.values():
-            store = table.store
-            with store.lock.write():  # one consistent state of the table, changes taken with it
+        try:
+            for table in self.tables.values():
+                store = table.store
                 changes = store.take_changes()
                 taken.append((store, changes))
                 full = table.name in in_full
@@ -300,15 +358,20 @@ class Saver:
                     replaced += table.children_hashtable  # the removal log overflowed
                     logger.info("table %s: too many removals since the last save; its rows "
                                 "are saved in full", table.name)
-                snapshot = store.items()
+                ids, tags, rows = store.items()  # by row: storage order
                 for idx, child in enumerate(table.children_hashtable):
+                    keep = tags == idx
                     if written is not None:
+                        keep &= torch.isin(rows, written)
                         removed = changes.removed_ids[changes.removed_tags == idx]
                         data[_key(child, "deleted_id", k, n)] = removed.cpu()
-                    part = _export_live(store, idx, written, snapshot)
-                    rows_saved[child] = int(part["id"].numel())
-                    for field, values in part.items():
-                        data[_key(child, field, k, n)] = values.cpu()
+                    # row i of every slot belongs to ids[i]
+                    data[_key(child, "id", k, n)] = ids[keep].cpu()
+                    data[_key(child, "row", k, n)] = rows[keep].cpu()
+                    rows_saved[child] = int(keep.sum())
+                    for slot in _saved_slots(store):
+                        data[_key(child, slot, k, n)] = _storage_pieces(store, slot, rows[keep],
+                                                                        copy)
                 # what an exact restore needs besides the live rows: the allocator state and
                 # the seed of initial values (rows without an ID hold defaults)
                 for field, values in store.layout().items():
@@ -318,14 +381,29 @@ class Saver:
                     for field, value in state.items():
                         data[_gkey(_rec(table.name, f"policy_{tag}"), field, k, n)] = value.cpu()
                     policies.setdefault(table.name, {})[tag] = key
-        try:
-            self._write(staging, data, children, rows_saved, policies, replaced, incremental,
-                        base, extra)
+            if self.filter_func is not None:
+                keep_keys = set(self.filter_func(list(data)))
+                data = {key: v for key, v in data.items() if key in keep_keys}
+            written_fields = _written(data)
+            tables_info = {c: _table_info(t, c, written_fields[_esc(c)])
+                           for c, (t, _) in children.items() if _esc(c) in written_fields}
+            dense = {}
+            if k == 0:
+                dense = {name: t.detach().to("cpu", copy=copy)
+                         for name, t in self.tensors.items()}
+            part = {
+                "tables": tables_info,
+                "physical": {t.name: list(t.children_hashtable) for t in self.tables.values()},
+                "policies": policies,
+                "replaced": replaced,
+                "rows": rows_saved,
+                "dense": sorted(self.tensors) if k == 0 else [],
+                "extra": json.loads(json.dumps(dict(extra or {}))) if k == 0 else {},
+            }
         except BaseException:
-            for store, changes in taken:
-                store.give_back_changes(changes)
+            _give_back(taken)
             raise
-        return self.path
+        return SaveSnapshot(self, data, dense, part, taken, incremental, base)
 
     def _tables_in_full(self, incremental: bool) -> set[str]:
         """Tables an incremental save must write in full: their log of removed IDs overflowed
@@ -343,41 +421,6 @@ class Saver:
             flags = flags.cpu()
         return {t.name for t, ok in zip(self.tables.values(), flags.tolist(), strict=True)
                 if not ok}
-
-    def _write(self, staging, data, children, rows_saved, policies, replaced, incremental, base,
-               extra) -> None:
-        n, k = self.shard_num, self.shard_index
-        if self.filter_func is not None:
-            keep = set(self.filter_func(list(data)))
-            data = {key: v for key, v in data.items() if key in keep}
-        written = _written(data)
-        tables_info = {c: _table_info(t, c, written[_esc(c)])
-                       for c, (t, _) in children.items() if _esc(c) in written}
-        files = {_sparse_file(k, n): write_safetensors(
-            os.path.join(staging, _sparse_file(k, n)), data,
-            {"format": FORMAT, "version": str(FORMAT_VERSION)})}
-        if k == 0 and self.tensors:
-            files[DENSE_FILE] = write_safetensors(
-                os.path.join(staging, DENSE_FILE),
-                {name: t.detach().cpu() for name, t in self.tensors.items()},
-                {"format": FORMAT, "version": str(FORMAT_VERSION)})
-        shard_index = {
-            "files": files,
-            "tables": tables_info,
-            "physical": {t.name: list(t.children_hashtable) for t in self.tables.values()},
-            "policies": policies,
-            "replaced": replaced,
-            "rows": rows_saved,
-            "dense": sorted(self.tensors) if k == 0 else [],
-            "extra": dict(extra or {}) if k == 0 else {},
-        }
-        atomic_write_json(os.path.join(staging, _shard_index(k, n)), _sealed(shard_index))
-        if dist.is_available() and dist.is_initialized() and n > 1:
-            dist.barrier()
-            if k == 0:
-                self._publish(staging, incremental, base)
-        elif all(os.path.exists(os.path.join(staging, _shard_index(s, n))) for s in range(n)):
-            self._publish(staging, incremental, base)
 
     def _publish(self, staging: str, incremental: bool, base: str | None) -> None:
         """Merge the shards' index parts (each checked like an index) into ``index.json``."""
@@ -408,6 +451,85 @@ class Saver:
             index["dense"] += part["dense"]
             index["extra"].update(part["extra"])
         _publish_dir(staging, self.path, index)
+
+
+def _give_back(taken: list) -> None:
+    """Record again the changes that a failed save took from the tables."""
+    for store, changes in taken:
+        store.give_back_changes(changes)
+
+
+class SaveSnapshot:
+    """One shard's part of a checkpoint, captured by :meth:`Saver.snapshot` (or, viewing the
+    live blocks, by :meth:`Saver.save`), ready to be written.
+
+    :meth:`write` writes it and, if this shard is the last one to finish, publishes the
+    checkpoint; it uses no collective, so it can run in a background thread while the
+    training's collectives go on. If it fails, the tables' changes it took are recorded again
+    (the next incremental save still holds them) and nothing is published.
+    """
+
+    def __init__(self, saver: Saver, data: dict, dense: dict, part: dict, taken: list,
+                 incremental: bool, base: str | None):
+        self.saver, self.data, self.dense, self.part = saver, data, dense, part
+        self.taken, self.incremental, self.base = taken, incremental, base
+        self.path = saver.path
+        self.staging = _staging(saver.path)
+        self.files: dict[str, dict] = {}
+
+    def write(self) -> bool:
+        """Write this shard's files and publish the checkpoint if every shard's part is in;
+        returns True if this call published it."""
+        self.write_sparse()
+        return self.finish(collective=False)
+
+    def write_sparse(self) -> None:
+        """Write this shard's sparse file into the staging directory."""
+        saver = self.saver
+        name = _sparse_file(saver.shard_index, saver.shard_num)
+        try:
+            os.makedirs(self.staging, exist_ok=True)
+            self.files[name] = write_safetensors(
+                os.path.join(self.staging, name), self.data,
+                {"format": FORMAT, "version": str(FORMAT_VERSION)})
+        except BaseException:
+            _give_back(self.taken)
+            raise
+        finally:
+            self.data = {}  # the views of the blocks, or the copies: not needed any more
+
+    def finish(self, collective: bool) -> bool:
+        """Write the dense file (shard 0) and this shard's index part, then publish: shard 0
+        after a barrier (``collective``), else the shard that finds every part written."""
+        saver = self.saver
+        n, k = saver.shard_num, saver.shard_index
+        try:
+            if self.dense:
+                self.files[DENSE_FILE] = write_safetensors(
+                    os.path.join(self.staging, DENSE_FILE), self.dense,
+                    {"format": FORMAT, "version": str(FORMAT_VERSION)})
+                self.dense = {}
+            atomic_write_json(os.path.join(self.staging, _shard_index(k, n)),
+                              _sealed({"files": self.files, **self.part}))
+            if collective:
+                dist.barrier()
+                if k == 0:
+                    saver._publish(self.staging, self.incremental, self.base)
+                return k == 0
+            if n > 1:
+                if not all(os.path.exists(os.path.join(self.staging, _shard_index(s, n)))
+                           for s in range(n)):
+                    return False  # a shard still writing publishes
+                try:  # the shards that find every part written race for this name
+                    os.close(os.open(os.path.join(self.staging, CLAIM),
+                                     os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except (FileExistsError, FileNotFoundError):
+                    return False  # another shard publishes (or already did)
+            saver._publish(self.staging, self.incremental, self.base)
+            return True
+        except BaseException:
+            _give_back(self.taken)
+            raise
 
 
 def _publish_dir(staging: str, final: str, index: dict) -> None:
@@ -964,9 +1086,12 @@ def _restore_exact(table: HashTable, contents: list[dict]) -> None:
         capacity = restore.capacity  # rounded up to this table's block size
 
         def write(slot: str, rows: Tensor, values: Tensor) -> None:
-            if slot in slots:
+            if slot not in slots:
+                return
+            if rows.numel() and int(rows.max()) >= capacity:  # rows past a smaller capacity
                 keep = rows < capacity
-                restore.write(slot, rows[keep], values[keep])
+                rows, values = rows[keep], values[keep]
+            restore.write(slot, rows, values)
 
         for content in contents:
             replay.apply(content, write, lambda _: None)
