@@ -227,6 +227,7 @@ _KILL_SCRIPT = textwrap.dedent("""
         table.insert(torch.arange(step * 100, step * 100 + 3000),
                      torch.full((3000, 16), float(step)))
         if mode == "stuck" and step == start + 1:
+            manager.wait()  # save 1 is published; save 2 gets stuck
             checkpoint.write_safetensors = stuck
         manager.save(step)
         print(step, flush=True)

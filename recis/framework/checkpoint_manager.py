@@ -54,6 +54,7 @@ from recis.serialize.checkpoint import (
     Loader,
     Saver,
     SaveSnapshot,
+    SnapshotBuffers,
     _staging,
     chain,
     read_dense,
@@ -176,6 +177,7 @@ class CheckpointManager:
         self._saves = 0
         self._writer: threading.Thread | None = None  # the background save, if one runs
         self._writer_error: BaseException | None = None
+        self._buffers = SnapshotBuffers()  # the snapshots' copies, reused
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         self.world = dist.get_world_size() if distributed else 1
@@ -297,7 +299,8 @@ class CheckpointManager:
                 self._commit(name)
             self._barrier()  # 'latest' names the new checkpoint for every rank
         else:
-            snapshot = saver.snapshot(incremental=incremental, base=base, extra=meta)
+            snapshot = saver.snapshot(incremental=incremental, base=base, extra=meta,
+                                      buffers=self._buffers)
             self._writer = threading.Thread(target=self._write_in_background,
                                             args=(snapshot, name), name=f"recis-save-{name}")
             self._writer.start()  # not a daemon: the interpreter waits for it at exit

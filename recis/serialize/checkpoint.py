@@ -55,9 +55,12 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -81,8 +84,8 @@ from recis.utils.logger import Logger
 
 logger = Logger(__name__)
 
-__all__ = ["Saver", "SaveSnapshot", "Loader", "CheckpointReader", "CheckpointError", "compact",
-           "FORMAT_VERSION"]
+__all__ = ["Saver", "SaveSnapshot", "SnapshotBuffers", "Loader", "CheckpointReader",
+           "CheckpointError", "compact", "FORMAT_VERSION"]
 
 FORMAT = "recis-checkpoint"
 FORMAT_VERSION = 2  # 2: index_checksum, per-file tensor listings, escaped names in keys
@@ -218,11 +221,81 @@ def _saved_slots(store) -> list[str]:
     return [spec.name for spec in store.slot_specs() if spec.saved]
 
 
-def _storage_pieces(store, slot: str, rows: Tensor, copy: bool) -> TensorPieces:
+class SnapshotBuffers:
+    """Memory for the copies of :meth:`Saver.snapshot`, kept from one snapshot to the next.
+
+    A copy into fresh memory pays a page fault per page on first touch (on the VMs we
+    measured, a 768 MB copy ran ~10x slower than into memory used before), so a
+    :class:`~recis.framework.checkpoint_manager.CheckpointManager` keeps the buffers of its
+    last snapshot (as large as the saved slots) and copies the next one into them.
+    :meth:`copy` hands out the buffer at once and :meth:`flush` copies the data, a few
+    threads each copying whole blocks (on CPU with numpy: an OpenMP copy per block waits for
+    its slowest thread, which made snapshots ~15x slower on a loaded machine).
+
+    Example::
+
+        buffers = SnapshotBuffers()
+        snap = saver.snapshot(buffers=buffers)   # copies into reused memory
+        snap.write()                             # gives the buffers back when written
+    """
+
+    def __init__(self):
+        self._free: dict[tuple, list[Tensor]] = {}
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._lock = threading.Lock()
+
+    def copy(self, t: Tensor) -> Tensor:
+        """The buffer that holds a copy of ``t`` once :meth:`flush` ran: a kept one of the
+        same shape and dtype when there is one."""
+        with self._lock:
+            free = self._free.get((t.shape, t.dtype, t.device))
+            buffer = free.pop() if free else None
+        if buffer is None:
+            buffer = torch.empty_like(t, memory_format=torch.contiguous_format)
+        self._pending.append((buffer, t))
+        return buffer
+
+    def flush(self) -> None:
+        """Copy the data of every :meth:`copy` since the last flush."""
+        pending, self._pending = self._pending, []
+
+        def copy(pair: tuple[Tensor, Tensor]) -> None:
+            dst, src = pair
+            if src.device.type != "cpu" or not src.is_contiguous() or src.numel() == 0:
+                dst.copy_(src)
+            else:  # numpy releases the GIL: the threads copy side by side
+                np.copyto(dst.view(torch.uint8).numpy(), src.view(torch.uint8).numpy())
+
+        threads = min(torch.get_num_threads(), len(pending))
+        if threads <= 1:
+            for pair in pending:
+                copy(pair)
+            return
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(copy, pending))
+
+    def give_back(self, buffers: list[Tensor]) -> None:
+        """Keep ``buffers`` (a written snapshot's) for the next snapshot, and only them: the
+        memory kept is at most one snapshot's."""
+        free: dict[tuple, list[Tensor]] = {}
+        for b in buffers:
+            free.setdefault((b.shape, b.dtype, b.device), []).append(b)
+        with self._lock:
+            self._free = free
+
+    def clear(self) -> None:
+        """Release the kept memory."""
+        with self._lock:
+            self._free.clear()
+
+
+def _storage_pieces(store, slot: str, rows: Tensor,
+                    copies: SnapshotBuffers | None) -> TensorPieces:
     """Values of ``slot`` at ``rows`` (ascending storage rows) as pieces, one per block: a
     view of the block where its rows among ``rows`` are one contiguous range (every block of
-    a table without holes), a gathered copy elsewhere. ``copy=True`` clones the views too: a
-    snapshot that later writes to the table leave as it is. Call under the table's lock."""
+    a table without holes), a gathered copy elsewhere. With ``copies`` the views are copied
+    too (into its buffers): a snapshot that later writes to the table leave as it is. Call
+    under the table's lock."""
     spec = store.slot_spec(slot)
     shape = (rows.numel(), *spec.row_shape)
     if rows.numel() == 0:
@@ -241,7 +314,7 @@ def _storage_pieces(store, slot: str, rows: Tensor, copy: bool) -> TensorPieces:
         first, last = firsts[b] - b * size, lasts[b] - b * size
         if last - first == hi - lo - 1:  # one contiguous range of the block
             view = blocks[b][first : last + 1]
-            pieces.append(view.clone() if copy else view)
+            pieces.append(view if copies is None else copies.copy(view))
         else:
             pieces.append(store.read(slot, rows[lo:hi]))
     return TensorPieces(spec.dtype, shape, pieces)
@@ -302,17 +375,19 @@ class Saver:
         with contextlib.ExitStack() as locks:
             for table in self.tables.values():
                 locks.enter_context(table.store.lock.write())
-            snap = self._capture(incremental, base, extra, in_full, copy=False)
+            snap = self._capture(incremental, base, extra, in_full, copies=None)
             snap.write_sparse()
         collective = self.shard_num > 1 and dist.is_available() and dist.is_initialized()
         snap.finish(collective)
         return self.path
 
     def snapshot(self, incremental: bool = False, base: str | None = None,
-                 extra: Mapping | None = None) -> SaveSnapshot:
+                 extra: Mapping | None = None,
+                 buffers: SnapshotBuffers | None = None) -> SaveSnapshot:
         """Copy what :meth:`save` would write (the tables' rows and slots, the dense tensors)
         as it is now and return it; :meth:`SaveSnapshot.write` writes it later, from any
-        thread, while the tables change. Costs a copy of the saved slots in memory.
+        thread, while the tables change. Costs a copy of the saved slots in memory (into
+        ``buffers``, reused from one snapshot to the next, when given).
 
         Example::
 
@@ -323,7 +398,8 @@ class Saver:
         with contextlib.ExitStack() as locks:
             for table in self.tables.values():
                 locks.enter_context(table.store.lock.write())
-            return self._capture(incremental, base, extra, in_full, copy=True)
+            return self._capture(incremental, base, extra, in_full,
+                                 copies=buffers if buffers is not None else SnapshotBuffers())
 
     def _start(self, incremental: bool, base: str | None) -> set[str]:
         """Check the arguments; the tables an incremental save writes in full."""
@@ -337,9 +413,10 @@ class Saver:
         return self._tables_in_full(incremental)
 
     def _capture(self, incremental: bool, base: str | None, extra: Mapping | None,
-                 in_full: set[str], copy: bool) -> SaveSnapshot:
+                 in_full: set[str], copies: SnapshotBuffers | None) -> SaveSnapshot:
         """The state to write, taken under the tables' locks: IDs and rows of each child in
-        storage order, slot values as pieces of the blocks (views, or copies with ``copy``)."""
+        storage order, slot values as pieces of the blocks (views, or copies into
+        ``copies``)."""
         children = _children(self.tables)
         n, k = self.shard_num, self.shard_index
         data: dict[str, Tensor | TensorPieces] = {}
@@ -358,20 +435,24 @@ class Saver:
                     replaced += table.children_hashtable  # the removal log overflowed
                     logger.info("table %s: too many removals since the last save; its rows "
                                 "are saved in full", table.name)
-                ids, tags, rows = store.items()  # by row: storage order
-                for idx, child in enumerate(table.children_hashtable):
-                    keep = tags == idx
-                    if written is not None:
-                        keep &= torch.isin(rows, written)
-                        removed = changes.removed_ids[changes.removed_tags == idx]
-                        data[_key(child, "deleted_id", k, n)] = removed.cpu()
+                all_ids, tags, all_rows = store.items()  # by row: storage order
+                kids = table.children_hashtable
+                for idx, child in enumerate(kids):
+                    ids, rows = all_ids, all_rows
+                    if len(kids) > 1 or written is not None:
+                        keep = tags == idx
+                        if written is not None:
+                            keep &= torch.isin(all_rows, written)
+                            removed = changes.removed_ids[changes.removed_tags == idx]
+                            data[_key(child, "deleted_id", k, n)] = removed.cpu()
+                        ids, rows = all_ids[keep], all_rows[keep]
                     # row i of every slot belongs to ids[i]
-                    data[_key(child, "id", k, n)] = ids[keep].cpu()
-                    data[_key(child, "row", k, n)] = rows[keep].cpu()
-                    rows_saved[child] = int(keep.sum())
+                    data[_key(child, "id", k, n)] = ids.cpu()
+                    data[_key(child, "row", k, n)] = rows.cpu()
+                    rows_saved[child] = rows.numel()
                     for slot in _saved_slots(store):
-                        data[_key(child, slot, k, n)] = _storage_pieces(store, slot, rows[keep],
-                                                                        copy)
+                        data[_key(child, slot, k, n)] = _storage_pieces(store, slot, rows,
+                                                                        copies)
                 # what an exact restore needs besides the live rows: the allocator state and
                 # the seed of initial values (rows without an ID hold defaults)
                 for field, values in store.layout().items():
@@ -381,6 +462,8 @@ class Saver:
                     for field, value in state.items():
                         data[_gkey(_rec(table.name, f"policy_{tag}"), field, k, n)] = value.cpu()
                     policies.setdefault(table.name, {})[tag] = key
+            if copies is not None:
+                copies.flush()
             if self.filter_func is not None:
                 keep_keys = set(self.filter_func(list(data)))
                 data = {key: v for key, v in data.items() if key in keep_keys}
@@ -389,7 +472,7 @@ class Saver:
                            for c, (t, _) in children.items() if _esc(c) in written_fields}
             dense = {}
             if k == 0:
-                dense = {name: t.detach().to("cpu", copy=copy)
+                dense = {name: t.detach().to("cpu", copy=copies is not None)
                          for name, t in self.tensors.items()}
             part = {
                 "tables": tables_info,
@@ -403,7 +486,7 @@ class Saver:
         except BaseException:
             _give_back(taken)
             raise
-        return SaveSnapshot(self, data, dense, part, taken, incremental, base)
+        return SaveSnapshot(self, data, dense, part, taken, incremental, base, copies)
 
     def _tables_in_full(self, incremental: bool) -> set[str]:
         """Tables an incremental save must write in full: their log of removed IDs overflowed
@@ -470,9 +553,10 @@ class SaveSnapshot:
     """
 
     def __init__(self, saver: Saver, data: dict, dense: dict, part: dict, taken: list,
-                 incremental: bool, base: str | None):
+                 incremental: bool, base: str | None, buffers: SnapshotBuffers | None):
         self.saver, self.data, self.dense, self.part = saver, data, dense, part
         self.taken, self.incremental, self.base = taken, incremental, base
+        self.buffers = buffers
         self.path = saver.path
         self.staging = _staging(saver.path)
         self.files: dict[str, dict] = {}
@@ -496,6 +580,9 @@ class SaveSnapshot:
             _give_back(self.taken)
             raise
         finally:
+            if self.buffers is not None:  # the copies, for the next snapshot
+                self.buffers.give_back([p for v in self.data.values()
+                                        if isinstance(v, TensorPieces) for p in v.pieces])
             self.data = {}  # the views of the blocks, or the copies: not needed any more
 
     def finish(self, collective: bool) -> bool:

@@ -169,6 +169,11 @@ class Backend:
         """A new table of ``capacity`` slots holding the live entries of ``table``."""
         raise NotImplementedError
 
+    def map_items(self, table: Tensor, next_row: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ids, tags, rows)`` of the live entries, ordered by row (rows are unique and
+        below ``next_row``, the allocator's high-water mark)."""
+        raise NotImplementedError
+
     # -- blocks --------------------------------------------------------------------------------
     def gather(self, blocks: BlockList, rows: Tensor, out: Tensor) -> Tensor:
         """``out[i]`` = row ``rows[i]`` (zeros where ``rows[i] == -1``); ``out`` is

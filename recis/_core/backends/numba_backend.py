@@ -127,6 +127,9 @@ class NumbaBackend(TorchBackend):
     def map_rebuild(self, table, capacity):
         return torch.from_numpy(nk.map_rebuild(table.numpy(), capacity))
 
+    def map_items(self, table, next_row):
+        return tuple(torch.from_numpy(a) for a in nk.map_items(table.numpy(), next_row))
+
     # -- blocks --------------------------------------------------------------------------------
     def _addresses(self, blocks: BlockList, rows: Tensor) -> np.ndarray:
         return nk.row_addresses(blocks.ptrs, blocks.block_size, rows.numpy(),

@@ -214,6 +214,27 @@ def map_rebuild(table, capacity):
     return new
 
 
+@njit(cache=True, nogil=True)
+def map_items(table, next_row):
+    """(ids, tags, rows) of the live entries, by row: one pass placing each entry at its row,
+    one pass packing the rows that have one."""
+    owner = np.full(next_row, -1, np.int64)  # slot of each row's entry
+    for s in range(table.shape[0]):
+        if table[s, 1] >= 0:
+            owner[table[s, 1] & ROW_MASK] = s
+    n = 0
+    for r in range(next_row):
+        n += owner[r] >= 0
+    ids, tags, rows = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    i = 0
+    for r in range(next_row):
+        s = owner[r]
+        if s >= 0:
+            ids[i], tags[i], rows[i] = table[s, 0], table[s, 1] >> TAG_SHIFT, r
+            i += 1
+    return ids, tags, rows
+
+
 @intrinsic
 def _as_pointer(typingctx, address):
     """An int64 address as a ``void*`` (to view a block's memory with ``carray``)."""

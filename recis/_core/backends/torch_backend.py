@@ -280,6 +280,16 @@ class TorchBackend(Backend):
     def map_rebuild(self, table, capacity):
         return map_rebuild(table[:, 0], table[:, 1], capacity)
 
+    def map_items(self, table, next_row):
+        live = table[:, 1] >= 0
+        ids, packed = table[live, 0], table[live, 1]
+        rows = packed & ROW_MASK
+        # rows are unique and below the high-water mark: place them instead of sorting
+        slot_of_row = torch.full((next_row,), -1, dtype=torch.int64, device=table.device)
+        slot_of_row[rows] = torch.arange(rows.numel(), device=table.device)
+        order = slot_of_row[slot_of_row >= 0]
+        return ids[order], (packed >> TAG_SHIFT)[order], rows[order]
+
     # -- blocks --------------------------------------------------------------------------------
     def gather(self, blocks, rows, out):
         return gather_rows(blocks.tensors, blocks.block_size, rows, out)
