@@ -1169,6 +1169,7 @@ def _restore_exact(table: HashTable, contents: list[dict]) -> None:
     capacity = int(layout["capacity"][0])
     replay = _RowReplay(table.name, table.children_hashtable, table.device)
     slots = set(table.slot_names)
+    writes: list[tuple[str, Tensor, Tensor]] = []  # in chain order: later ones win
     with table.store.restoring(capacity) as restore:
         capacity = restore.capacity  # rounded up to this table's block size
 
@@ -1178,14 +1179,19 @@ def _restore_exact(table: HashTable, contents: list[dict]) -> None:
             if rows.numel() and int(rows.max()) >= capacity:  # rows past a smaller capacity
                 keep = rows < capacity
                 rows, values = rows[keep], values[keep]
-            restore.write(slot, rows, values)
+            writes.append((slot, rows, values))
 
         for content in contents:
             replay.apply(content, write, lambda _: None)
         rows = replay.live()
         rows = rows[rows < capacity]
-        restore.set_keys(replay.owner_id[rows], replay.owner_tag[rows], rows,
-                         int(replay.layout["next_row"][0]), replay.layout["free"])
+        # the ID map is built (a kernel that releases the GIL) while the slots are filled
+        with ThreadPoolExecutor(1) as pool:
+            keys = pool.submit(restore.set_keys, replay.owner_id[rows], replay.owner_tag[rows],
+                               rows, int(replay.layout["next_row"][0]), replay.layout["free"])
+            for slot, slot_rows, values in writes:
+                restore.write(slot, slot_rows, values)
+            keys.result()
     _restore_seed(table, contents[-1])
 
 
