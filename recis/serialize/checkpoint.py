@@ -14,6 +14,15 @@ A checkpoint is a directory that becomes visible only when complete::
 Every file is written under a hidden staging directory ``.ckpt_000100.partial``, fsynced, and
 the directory is renamed to its final name by the last shard to finish, after ``index.json``
 is in place; a process killed at any moment leaves either no checkpoint or a complete one.
+Under ``torch.distributed`` (:meth:`Saver.save`) shard 0 publishes after a barrier; without
+collectives (one process per shard, or :meth:`SaveSnapshot.write` in a background thread) each
+shard writes its index part and the one that finds every part written publishes, claiming the
+file ``.publishing`` (``O_EXCL``) so that exactly one does. The staging directory must hold no
+part of an earlier, killed attempt (``CheckpointManager`` removes it before a save).
+
+Rows are written in storage order (row ``i`` of every slot belongs to ``ids[i]``), straight
+from the tables' storage blocks: :meth:`Saver.save` holds the tables' locks while it writes
+them; :meth:`Saver.snapshot` copies them (into :class:`SnapshotBuffers`) and returns.
 
 Loading trusts nothing it reads (see :func:`read_index` and
 :func:`recis.serialize._files.read_safetensors`): the index must carry a valid checksum and
