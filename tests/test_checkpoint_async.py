@@ -205,6 +205,30 @@ def test_trainer_async_save_writes_the_same_checkpoints_as_blocking_saves(tmp_pa
             assert torch.equal(value, background[name][key]), (name, key)
 
 
+class FailingBatches:
+    """Batches like :class:`Batches`, then one the model rejects (at step 7)."""
+
+    def __iter__(self):
+        for step in range(6):
+            yield torch.arange(step * 3, step * 3 + 12)
+        yield torch.zeros(3)  # float, not IDs: the forward fails
+
+
+def test_trainer_waits_for_its_background_save_when_training_fails(tmp_path, monkeypatch):
+    model, sparse, dense = make()
+    args = TrainingArguments(output_dir=str(tmp_path), save_steps=4, async_save=True,
+                             progress_bar=False, log_steps=100)
+    trainer = Trainer(model, args, train_dataset=FailingBatches(),
+                      dense_optimizers=(dense, None), sparse_optimizer=sparse)
+    held = HeldWriter(monkeypatch)
+    threading.Timer(0.5, held.release).start()  # the save of step 4 ends after the failure
+    with pytest.raises(Exception) as failure:
+        trainer.train()
+    assert not isinstance(failure.value, CheckpointError)  # the training error, not the save's
+    assert not trainer.checkpoint_manager.saving  # train() waited for the background save
+    assert os.path.basename(trainer.checkpoint_manager.latest()) == "ckpt_000000004"
+
+
 _KILL_SCRIPT = textwrap.dedent("""
     import sys, threading, time, torch
     from recis.nn import HashTable

@@ -159,7 +159,10 @@ class Trainer:
     and at the end; ``train()`` first restores the latest checkpoint in ``output_dir`` and skips
     the batches already trained on (the datasets must replay the same batches in the same
     order, as the recis readers and the synthetic stream do with a fixed seed). Training then
-    continues exactly as if it had not stopped.
+    continues exactly as if it had not stopped. With ``async_save`` the state at each save step
+    is copied and written by a background thread while training goes on; ``train()`` waits for
+    the last save before it returns or raises (see
+    :class:`~recis.framework.checkpoint_manager.CheckpointManager`).
 
     Several processes (``torch.distributed`` initialised, more than one rank): the model is
     wrapped in ``DistributedDataParallel`` (its tables shard themselves), every rank steps
