@@ -66,8 +66,9 @@ def test_map_kernels_assign_the_same_rows():
         tagged = backend.map_lookup_or_insert(table, torch.tensor([7, 7]),
                                               torch.tensor([1, 2]),
                                               torch.zeros(0, dtype=torch.int64), 0, 500)[0]
+        items = backend.map_items(table, 502)  # with holes: freed rows, rows never handed out
         results[backend.name] = (rows, inserted, n_free, next_row, reused, looked, freed, rows2,
-                                 state2, after, tagged)
+                                 state2, after, tagged, items)
     def same(a, b):
         if isinstance(a, (list, tuple)):
             return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
@@ -77,6 +78,9 @@ def test_map_kernels_assign_the_same_rows():
         assert same(a, b)
     rows, inserted, n_free, *_ = results["torch"]
     assert rows[:3].tolist() == [2, 4, 9] and bool(inserted.all())
+    ids, tags, item_rows = results["torch"][-1]
+    assert bool((item_rows[1:] > item_rows[:-1]).all()) and item_rows[-2:].tolist() == [500, 501]
+    assert tags[-2:].tolist() == [1, 2] and ids[-2:].tolist() == [7, 7]
     assert results["torch"][6].tolist()[1:] == [-1, -1, results["torch"][6][3].item()]
 
 
