@@ -457,3 +457,23 @@ def test_cutoffs_reject_bad_inputs_naming_the_argument():
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, extraglobs={"torch": torch})
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_recis_import_paths_resolve():
+    """Code written for RecIS imports the ops from these modules."""
+    from recis.nn.functional.embedding_ops import (  # noqa: F401
+        ids_encode,
+        merge_offsets,
+        ragged_embedding_segment_reduce,
+        segment_sum_sparse,
+        sparse_embedding_segment_reduce,
+        weight_norm_sparse,
+    )
+    from recis.nn.functional.ragged_ops import (  # noqa: F401
+        dense_to_ragged,
+        fused_ragged_cutoff_2D,
+        fused_ragged_cutoff_3D,
+        ragged_tile,
+        ragged_to_dense,
+        ragged_to_sparse,
+    )
