@@ -216,6 +216,16 @@ class Backend:
         1, ``last``: an int64 slot of width 1, ``clock``: a 1-element int64 tensor."""
         raise NotImplementedError
 
+    # -- segment ops (recis.nn.functional) ------------------------------------------------------
+    def segment_sum(self, data: Tensor, weight: Tensor | None, indices: Tensor,
+                    segment_ids: Tensor, num_segments: int) -> Tensor:
+        """Weighted scatter-sum of rows: ``out[segment_ids[i]] += weight[i] * data[indices[i]]``
+        for every ``i``; ``out`` is ``(num_segments, D)`` zeros first, in ``data``'s dtype.
+        ``data`` is ``(N, D)``; ``weight`` None means all ones, else ``(M,)`` in ``data``'s
+        dtype; ``indices`` and ``segment_ids`` are ``(M,)`` int32 or int64, checked by the
+        caller to lie in ``[0, N)`` and ``[0, num_segments)``."""
+        raise NotImplementedError
+
     # -- optimizer updates (rows unique: the updates are not linear) -----------------------------
     def adam_update(self, emb: BlockList, exp_avg: BlockList, exp_avg_sq: BlockList,
                     rows: Tensor, grad: Tensor, *, decay: float, beta1: float, beta2: float,

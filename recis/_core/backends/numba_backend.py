@@ -183,6 +183,19 @@ class NumbaBackend(TorchBackend):
         run_ranges(nk.decayed_count_touch_range, rows.numel(), count.ptrs, last.ptrs,
                    count.block_size, rows.numpy(), int(clock), float(decay))
 
+    # -- segment ops ------------------------------------------------------------------------------
+    def segment_sum(self, data, weight, indices, segment_ids, num_segments):
+        # measured 6-12x faster than index_add_ of the gathered rows (200k rows, D 16-128):
+        # no (M, D) intermediate, and torch's CPU index_add_ is slow
+        if data.dtype not in (torch.float32, torch.float64):
+            return super().segment_sum(data, weight, indices, segment_ids, num_segments)
+        data = data.detach().contiguous()
+        out = torch.zeros(num_segments, data.shape[1], dtype=data.dtype)
+        out_np = out.numpy()
+        nk.segment_sum(data.numpy(), _np_weights(weight, out_np), indices.contiguous().numpy(),
+                       segment_ids.contiguous().numpy(), out_np)
+        return out
+
     # -- optimizer updates -------------------------------------------------------------------------
     def _update(self, kernel: Callable, blocks: list[BlockList], rows: Tensor, grad: Tensor,
                 *scalars) -> None:

@@ -493,6 +493,25 @@ def decayed_count_touch_range(count_ptrs, last_ptrs, block_size, rows, clock, de
 
 # -- optimizer updates over unique rows (addresses from row_addresses; rows are unique) --------
 @njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
+def segment_sum(data, weights, indices, segment_ids, out):
+    """``out[segment_ids[i]] += weights[i] * data[indices[i]]`` for every ``i`` (``out``
+    zeroed by the caller); ``weights`` of length 0 means all ones. One thread: segments are
+    in any order, so a split would need atomics or a sort."""
+    has_weights = weights.shape[0] > 0
+    width = data.shape[1]
+    for i in range(indices.shape[0]):
+        s = segment_ids[i]
+        r = indices[i]
+        if has_weights:
+            w = weights[i]
+            for j in range(width):
+                out[s, j] += w * data[r, j]
+        else:
+            for j in range(width):
+                out[s, j] += data[r, j]
+
+
+@njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def adam_update_range(emb_addr, m_addr, v_addr, grads, decay, beta1, one_minus_beta1, beta2,
                       one_minus_beta2, alpha, eps, l2, lo, hi):
     """Per row: ``g += l2 * e; e *= decay; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;

@@ -252,6 +252,17 @@ def bag_sum_rows(unique_emb: Tensor, inverse: Tensor, offsets: Tensor, weights: 
                            include_last_offset=True)
 
 
+def segment_sum(data: Tensor, weight: Tensor | None, indices: Tensor, segment_ids: Tensor,
+                num_segments: int) -> Tensor:
+    """``out[segment_ids[i]] += weight[i] * data[indices[i]]`` into ``(num_segments, D)``
+    zeros (see :meth:`.base.Backend.segment_sum`). Differentiable in ``data`` and ``weight``."""
+    rows = data[indices]
+    if weight is not None:
+        rows = rows * weight.unsqueeze(1)
+    out = data.new_zeros(num_segments, data.shape[1])
+    return out.index_add(0, segment_ids, rows)
+
+
 def bag_index(offsets: Tensor, num_items: int) -> Tensor:
     """The bag of each item: ``(num_items,)`` int64."""
     lengths = offsets[1:] - offsets[:-1]
@@ -336,6 +347,10 @@ class TorchBackend(Backend):
                               exponent)
         self.scatter(count, rows, (c + 1).view(-1, 1).to(count.dtype))
         self.scatter(last, rows, clock.reshape(1, 1).to(last.dtype))
+
+    # -- segment ops ------------------------------------------------------------------------------
+    def segment_sum(self, data, weight, indices, segment_ids, num_segments):
+        return segment_sum(data, weight, indices, segment_ids, num_segments)
 
     # -- optimizer updates: gather, compute, scatter --------------------------------------------
     def adam_update(self, emb, exp_avg, exp_avg_sq, rows, grad, *, decay, beta1, beta2, alpha,
