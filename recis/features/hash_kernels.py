@@ -297,3 +297,29 @@ def int64_to_decimal(values):
         if v < 0:
             out[offsets[i]] = np.uint8(45)
     return out, offsets
+
+
+@njit(cache=True, nogil=True)
+def bucketize_segments(values, value_offsets, bounds, bound_offsets):
+    """For each segment ``s`` of ``values`` (float32), the number of its boundaries
+    ``bounds[bound_offsets[s]:bound_offsets[s+1]]`` that are ``<=`` each value (an upper-bound
+    binary search; NaN counts every boundary, as RecIS's kernel)."""
+    out = np.empty(values.shape[0], np.int64)
+    for s in range(value_offsets.shape[0] - 1):
+        lo_b = bound_offsets[s]
+        count_b = bound_offsets[s + 1] - lo_b
+        for i in range(value_offsets[s], value_offsets[s + 1]):
+            v = values[i]
+            if v != v:
+                out[i] = count_b
+                continue
+            lo = 0
+            hi = count_b
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if bounds[lo_b + mid] <= v:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            out[i] = lo
+    return out

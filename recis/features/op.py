@@ -266,14 +266,24 @@ class Bucketize(_Op):
         self.register_buffer("boundary", bounds, persistent=False)
 
     def forward(self, x: Any) -> Any:
-        values = _values_of(x, "Bucketize").to(torch.float32)
-        bounds = self.boundary.to(values.device)
-        index = torch.bucketize(values, bounds, right=True)
-        index = torch.where(torch.isnan(values), torch.full_like(index, bounds.numel()), index)
-        return _with_values(x, index)
+        return self.run_fused([self], [x])[0]
 
     def config(self) -> dict[str, Any]:
         return {"boundary": self.boundary.tolist()}
+
+    @classmethod
+    def run_fused(cls, ops: Sequence[Bucketize], inputs: Sequence[Any]) -> list[Any]:
+        """One kernel call over all inputs' values, each with its own boundaries."""
+        values = [_values_of(x, "Bucketize").to("cpu", torch.float32) for x in inputs]
+        sizes = [v.numel() for v in values]
+        value_offsets = np.cumsum([0, *sizes])
+        bounds = [op.boundary for op in ops]
+        bound_offsets = np.cumsum([0, *(b.numel() for b in bounds)])
+        index = hash_kernels.bucketize_segments(
+            torch.cat(values).numpy(), value_offsets, torch.cat(bounds).numpy(), bound_offsets)
+        parts = torch.from_numpy(index).split(sizes)
+        return [_with_values(x, part.to(_values_of(x, "Bucketize").device))
+                for x, part in zip(inputs, parts, strict=True)]
 
 
 class FeatureCross(_Op):
