@@ -22,6 +22,7 @@ from recis.features import (
     SelectFields,
     SequenceTruncate,
 )
+from recis.features.op import uint64_mod
 from recis.ragged import RaggedTensor
 
 
@@ -106,6 +107,13 @@ EDGE_IDS = [0, 1, 17, -1, -2, -17, 2**63 - 1, -2**63, 10**18, -10**18, 123456789
 @pytest.mark.parametrize("m", [1, 2, 7, 10, 1000003, 2**31 - 1, 2**62 + 3, 2**63 - 1])
 def test_mod_reads_ids_as_uint64(m):
     out = Mod(m)(torch.tensor(EDGE_IDS)).tolist()
+    assert out == [mod_reference(x, m) for x in EDGE_IDS]
+
+
+@pytest.mark.parametrize("m", [1, 7, 1000003, 2**62 + 3, 2**63 - 1])
+def test_uint64_mod_int64_formula_for_other_devices(m):
+    """The formula Mod uses off the CPU (checked here on CPU tensors)."""
+    out = uint64_mod(torch.tensor(EDGE_IDS), m).tolist()
     assert out == [mod_reference(x, m) for x in EDGE_IDS]
 
 

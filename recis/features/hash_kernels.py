@@ -323,3 +323,15 @@ def bucketize_segments(values, value_offsets, bounds, bound_offsets):
                     hi = mid
             out[i] = lo
     return out
+
+
+@njit(cache=True, nogil=True)
+def uint64_mod_segments(values, value_offsets, mods):
+    """``values`` (int64) read as uint64, modulo ``mods[s]`` for the values of segment ``s``
+    (``value_offsets[s]:value_offsets[s+1]``), as int64."""
+    out = np.empty(values.shape[0], np.int64)
+    for s in range(value_offsets.shape[0] - 1):
+        m = np.uint64(mods[s])
+        for i in range(value_offsets[s], value_offsets[s + 1]):
+            out[i] = np.int64(np.uint64(values[i]) % m)
+    return out

@@ -210,24 +210,25 @@ class Mod(_Op):
         self.mod_value = mod_value
 
     def forward(self, x: Any) -> Any:
-        values = _check_int64_values(x, "Mod")
-        return _with_values(x, uint64_mod(values, self.mod_value))
+        return self.run_fused([self], [x])[0]
 
     def config(self) -> dict[str, Any]:
         return {"mod": self.mod_value}
 
     @classmethod
     def run_fused(cls, ops: Sequence[Mod], inputs: Sequence[Any]) -> list[Any]:
-        """One modulo pass over all inputs' values together (each with its own modulus)."""
+        """One kernel call over all inputs' values together, each with its own modulus
+        (CPU); the int64 formula of :func:`uint64_mod` on other devices."""
         values = [_check_int64_values(x, "Mod") for x in inputs]
-        if len({v.device for v in values}) > 1:
-            return super().run_fused(ops, inputs)
+        if any(v.device.type != "cpu" for v in values):
+            return [_with_values(x, uint64_mod(v, op.mod_value))
+                    for op, x, v in zip(ops, inputs, values, strict=True)]
         sizes = [v.numel() for v in values]
-        mods = torch.repeat_interleave(
-            torch.tensor([op.mod_value for op in ops], dtype=torch.int64),
-            torch.tensor(sizes)).to(values[0].device)
-        out = uint64_mod(torch.cat(values), mods).split(sizes)
-        return [_with_values(x, v) for x, v in zip(inputs, out, strict=True)]
+        out = hash_kernels.uint64_mod_segments(
+            torch.cat(values).numpy(), np.cumsum([0, *sizes]),
+            np.array([op.mod_value for op in ops], np.int64))
+        parts = torch.from_numpy(out).split(sizes)
+        return [_with_values(x, part) for x, part in zip(inputs, parts, strict=True)]
 
 
 class Bucketize(_Op):
