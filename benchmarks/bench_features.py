@@ -21,6 +21,7 @@ Rows/s count batch rows (each row carries 39 columns).
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -115,7 +116,8 @@ def main() -> None:
     repeats, warmup = (5, 2) if args.quick else (30, 5)
     print("== bench_features: FeatureEngine vs plain torch ops")
     print(f"recis sources sha256 {source_fingerprint()} ({time.strftime('%Y-%m-%d %H:%M %Z')})")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, quick={args.quick}, "
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, quick={args.quick}, "
           f"repeats={repeats} (+{warmup} warm-up), medians of interleaved repeats")
     batch = criteo_like_batch()
     print(f"batch: {ROWS} rows, 26 categorical + 13 integer columns "
