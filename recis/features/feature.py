@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .op import SelectField, SelectFields, _Op
@@ -50,7 +52,7 @@ class Feature(nn.Module):
         """The ops' signatures in order: equal for features that compute the same thing."""
         return tuple(op.signature() for op in self.ops)
 
-    def forward(self, data: dict):
+    def forward(self, data: dict) -> Any:
         """Run the pipeline on one batch dict (without the engine's fusion)."""
         if not self.ops:
             raise ValueError(f"Feature({self.name!r}): has no ops; add a SelectField first")
