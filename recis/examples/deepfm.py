@@ -8,7 +8,13 @@ admission and the GlobalStepFilter matter). ``--data`` trains on files in the Cr
     python -m recis.examples.deepfm                       # synthetic stream, ~30 s
     python -m recis.examples.deepfm --data ../shared/data/criteo-sample/part-[0-3].orc \
         --eval-data ../shared/data/criteo-sample/part-[45].orc
+    python -m recis.examples.deepfm --data ../shared/data/criteo-sample/part-0.orc --features
     torchrun --standalone --nproc_per_node 2 -m recis.examples.deepfm   # 2 processes
+
+``--features`` turns the raw Criteo values into IDs with a
+:class:`~recis.features.FeatureEngine` (:func:`criteo_feature_engine`): each categorical value
+is hashed (FarmHash64 of its decimal text, as RecIS's ``Hash("farm")``) and each integer column
+is bucketized into an extra ID field; the same model embeds them.
 
 Under torchrun the tables are sharded over the processes, the dense layers are data-parallel,
 and ``--batch-size`` is the global batch (each process takes its share of every batch), so N
@@ -38,6 +44,7 @@ from typing import Any
 import torch
 
 from recis.examples.deepfm_model import DeepFM
+from recis.features import Bucketize, Feature, FeatureEngine, Hash, Int64ToString, SelectField
 from recis.framework import Trainer, TrainingArguments
 from recis.framework.trainer import TrainingInterrupted, table_label
 from recis.hooks.filter_hook import HashTableFilterHook
@@ -67,6 +74,62 @@ class HoldOut:
     def __len__(self) -> int:
         held_out = len(self.dataset) // self.every  # type: ignore[arg-type]
         return held_out if self.take else len(self.dataset) - held_out  # type: ignore[arg-type]
+
+
+#: Bucket boundaries of the integer columns in ``--features`` mode: Criteo's counts are
+#: heavy-tailed, so the buckets grow about geometrically (a missing value reads as 0).
+INTEGER_BOUNDARIES = [0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 100, 150, 256, 512, 1024,
+                      4096, 16384, 65536]
+
+
+def criteo_feature_engine(sparse: list[str], dense: list[str]) -> FeatureEngine:
+    """The ``--features`` engine: categorical column ``c`` becomes the FarmHash64 of each
+    value's decimal text (``SelectField -> Int64ToString -> Hash("farm")``), integer column
+    ``i`` becomes its bucket in :data:`INTEGER_BOUNDARIES` (``SelectField -> Bucketize``),
+    an ID field named ``i``.
+
+    Example::
+
+        >>> from recis.ragged import RaggedTensor
+        >>> engine = criteo_feature_engine(["c1"], ["i1"])
+        >>> out = engine({"c1": RaggedTensor(torch.tensor([7]), torch.tensor([0, 1])),
+        ...               "i1": torch.tensor([[5.0]])})
+        >>> out["i1"]
+        tensor([[5]])
+    """
+    features = [Feature(c).add_op(SelectField(c)).add_op(Int64ToString()).add_op(Hash("farm"))
+                for c in sparse]
+    features += [Feature(i).add_op(SelectField(i, dtype=torch.float32))
+                 .add_op(Bucketize(INTEGER_BOUNDARIES)) for i in dense]
+    return FeatureEngine(features)
+
+
+class CriteoFeatureTransform:
+    """Run a FeatureEngine on a batch in the Criteo model layout (``{"label", "dense", "c1",
+    ...}``): the integer columns ``dense_names`` are first added as ``[B, 1]`` columns from
+    ``batch["dense"]`` so that the engine can turn them into IDs too. Picklable, so it can
+    run in DataLoader workers."""
+
+    def __init__(self, engine: FeatureEngine, dense_names: list[str]):
+        self.engine, self.dense_names = engine, list(dense_names)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        columns = {name: batch["dense"][:, k:k + 1] for k, name in enumerate(self.dense_names)}
+        return self.engine({**batch, **columns})
+
+
+class FeatureBatches:
+    """Every batch of ``dataset`` passed through ``transform`` (the ``--features`` mode)."""
+
+    def __init__(self, dataset: Iterable, transform: CriteoFeatureTransform):
+        self.dataset, self.transform = dataset, transform
+
+    def __iter__(self) -> Iterator:
+        for batch in self.dataset:
+            yield self.transform(batch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
 
 
 def _files(patterns: list[str]) -> list[str]:
@@ -104,7 +167,14 @@ def build_data(args: argparse.Namespace) -> tuple[Iterable, Iterable, list[str],
         else:  # hold out every 10th batch of the training files
             evaluation = HoldOut(criteo_dataset(files, args.batch_size, **read), 10, take=True)
             train = HoldOut(train, 10, take=False)
-        return RankSlice(train), RankSlice(evaluation), sparse, len(dense), f"files {files}"
+        description = f"files {files}"
+        if args.features:
+            transform = CriteoFeatureTransform(criteo_feature_engine(sparse, dense), dense)
+            train = FeatureBatches(train, transform)
+            evaluation = FeatureBatches(evaluation, transform)
+            sparse = [*sparse, *dense]
+            description += " through the feature engine (--features)"
+        return RankSlice(train), RankSlice(evaluation), sparse, len(dense), description
     from recis.datasets import SyntheticClickStream
 
     steps = args.steps or 400
@@ -256,6 +326,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CSV/TSV files without a header line: their column names in order, "
                         "comma-separated, or 'criteo' for label,i1..i13,c1..c26 (files with a "
                         "header, ORC and Parquet are read by column name)")
+    p.add_argument("--features", action="store_true",
+                   help="with --data: hash the raw categorical values and bucketize the integer "
+                        "columns into ID fields with recis.features.FeatureEngine")
     p.add_argument("--save-steps", type=int, default=None,
                    help="save a checkpoint every N steps into OUTPUT/checkpoints and resume "
                         "from it when run again (default: no checkpoints)")
@@ -288,6 +361,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if args.columns is not None and not args.data:
         p.error("--columns applies to --data files")
+    if args.features and not args.data:
+        p.error("--features applies to --data files (the synthetic stream has no raw values)")
     if args.filter_step < 0:
         p.error(f"--filter-step must be >= 0, got {args.filter_step}")
     for name in ("lr", "dense_lr"):
