@@ -127,3 +127,30 @@ def test_slot_group_exposes_the_slots_as_recis_does():
         group.slot_by_index(3)
     empty = HashTable([5]).slot_group().slot_by_name("embedding").value()
     assert empty.shape == (0, 5)
+
+
+def test_a_saver_publishes_into_an_existing_empty_directory(tmp_path):
+    """RecIS's tests create the checkpoint directory before saving: an empty directory is
+    replaced by the complete checkpoint; anything else is still never overwritten."""
+    from recis.serialize import CheckpointError, Loader, Saver
+
+    source = HashTable([3], name="t")
+    source.insert(torch.tensor([5, -9, 2**40]), torch.randn(3, 3))
+    target_dir = tmp_path / "ckpt"
+    target_dir.mkdir()
+    Saver(path=str(target_dir), hashtables={"t": source}).save()
+    assert (target_dir / "index.json").is_file()
+    loaded = HashTable([3], name="t")
+    Loader(str(target_dir), {"t": loaded}).load()
+    assert sorted(loaded.ids().tolist()) == sorted(source.ids().tolist())
+    with pytest.raises(CheckpointError, match="already exists and is not an empty directory"):
+        Saver(path=str(target_dir), hashtables={"t": source}).save()  # now it holds files
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="not an empty directory"):
+        Saver(path=str(tmp_path / "link"), hashtables={"t": source}).save()
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for k in (1, 0):
+        Saver(shard_index=k, shard_num=2, path=str(sharded), hashtables={"t": source}).save()
+    assert (sharded / "index.json").is_file()

@@ -163,6 +163,12 @@ def _display(group: str) -> str:
     return _unesc(group) if m is None else f"@{_unesc(m['physical'])}.{m['record']}"
 
 
+def _empty_dir(path: str) -> bool:
+    """A real (not linked) empty directory: a Saver may publish onto it (RecIS's tests create
+    the checkpoint directory first); renaming a directory onto an empty one is atomic."""
+    return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+
+
 def _staging(path: str) -> str:
     parent, name = os.path.split(os.path.abspath(path))
     return os.path.join(parent, f".{name}.partial")
@@ -336,7 +342,8 @@ class Saver:
         shard_index (int): this worker's shard. Default: 0.
         shard_num (int): number of workers writing the checkpoint. Default: 1.
         parallel (int): accepted for RecIS compatibility (one file per shard is written).
-        path (str): the checkpoint directory to create (must not exist).
+        path (str): the checkpoint directory to create (must not exist, or be an empty
+            directory: the complete checkpoint replaces it atomically).
         hashtables (dict[str, HashTable]): e.g. ``filter_out_sparse_param(model)``.
         tensors (dict[str, Tensor]): dense tensors, written by shard 0.
         filter_func (callable, optional): ``f(list of tensor keys) -> list`` to keep a subset
@@ -417,8 +424,9 @@ class Saver:
         if base is not None and not is_plain_name(base):
             raise ValueError(f"base must be the directory name of the previous checkpoint (a "
                              f"sibling of path, no separator, no leading dot), got {base!r}")
-        if os.path.exists(self.path):
-            raise CheckpointError(f"{self.path} already exists; checkpoints are never overwritten")
+        if os.path.lexists(self.path) and not _empty_dir(self.path):
+            raise CheckpointError(f"{self.path} already exists and is not an empty directory; "
+                                  "checkpoints are never overwritten")
         return self._tables_in_full(incremental)
 
     def _capture(self, incremental: bool, base: str | None, extra: Mapping | None,
