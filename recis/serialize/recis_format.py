@@ -366,8 +366,9 @@ def load_recis(path: str, tables: Mapping[str, HashTable], tensors: Mapping[str,
                     spec.row_shape):
                 raise CheckpointError(
                     f"checkpoint file {os.path.join(path, block.file)}: {block.key!r} is "
-                    f"{block.tensor.dtype} with rows {list(block.tensor.shape[1:])}, table "
-                    f"{child!r}'s slot {slot!r} {spec.dtype} with rows {list(spec.row_shape)}")
+                    f"{block.tensor.dtype} with rows {list(block.tensor.shape[1:])}; the slot "
+                    f"{slot!r} of table {child!r} is {spec.dtype} with rows "
+                    f"{list(spec.row_shape)}")
         unexpected += [f"{child}.{s}" for s in saved[child] if s != "id" and s not in slots]
     unexpected += [c for c in saved if c not in plan]
     missing += [name for name in tensors if name not in source.dense]
