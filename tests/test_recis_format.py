@@ -279,6 +279,26 @@ def test_saver_recis_format_refuses_what_the_layout_cannot_hold(tmp_path):
     assert not os.path.exists(tmp_path / "x")
 
 
+def test_saver_recis_format_filter_func_keeps_a_subset(tmp_path):
+    source = trained_table()
+    path = str(tmp_path / "emb_only")
+    Saver(path=path, hashtables={"user": source}, format="recis",
+          filter_func=lambda keys: [k for k in keys if "adamw" not in k]).save()
+    assert sorted(json.load(open(os.path.join(path, "tensorkey.json")))) == [
+        "user.embedding/part_0_1", "user.id/part_0_1"]
+    back = make_table()
+    report = Loader(path, {"user": back}, strict=False).load()
+    assert report["missing"] == ["user.sparse_adamw_exp_avg", "user.sparse_adamw_exp_avg_sq"]
+    ids, rows = source.ids_map()
+    back_rows = back.ids_map()[1]
+    assert torch.equal(back.ids(), ids)  # one insert in saved order: same order here
+    assert torch.equal(back.slot_values("embedding", back_rows),
+                       source.slot_values("embedding", rows))
+    with pytest.raises(ValueError, match=r"kept \['user\.embedding/part_0_1'\] without the id"):
+        Saver(path=str(tmp_path / "no_ids"), hashtables={"user": source}, format="recis",
+              filter_func=lambda keys: [k for k in keys if "embedding" in k]).save()
+
+
 def _edit_json(path, name, change):
     where = os.path.join(path, name)
     obj = json.load(open(where))

@@ -527,6 +527,12 @@ def save_recis(path: str, tables: Mapping[str, HashTable], tensors: Mapping[str,
     if filter_func is not None:
         keep = set(filter_func(list(blocks)))
         blocks = {k: v for k, v in blocks.items() if k in keep}
+        child_field = {k: names[k].rpartition("^")[0].rpartition("@")[::2] for k in blocks}
+        kept_ids = {child for child, field in child_field.values() if field == "id"}
+        orphans = sorted(k for k, (child, _) in child_field.items() if child not in kept_ids)
+        if orphans:
+            raise ValueError(f"filter_func kept {orphans} without the id block of their table: "
+                             "rows cannot be loaded without their IDs")
     dense = {name + DENSE_SUFFIX: t.detach().cpu() for name, t in tensors.items()} \
         if shard_index == 0 else {}
     writers: list[dict[str, Tensor]] = [{} for _ in range(parallel)]
