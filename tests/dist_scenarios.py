@@ -222,6 +222,48 @@ def train(rank: int, world: int, out_dir: str, steps: int, seed: int = 0,
                   os.path.join(out_dir, "dense.safetensors"))
 
 
+def train_with_background_save(rank: int, world: int, out_dir: str, manager_dir: str,
+                               save_at: int, steps: int) -> None:
+    """Train ``steps`` steps with a non-blocking save at ``save_at`` whose files are written
+    only after training finished (the background writers are held until then); write this
+    rank's tables as they were at ``save_at`` (``at_save-<rank>.safetensors``)."""
+    import threading
+
+    from recis.distributed.data import rank_rows
+    from recis.framework.checkpoint_manager import CheckpointManager
+    from recis.nn.modules.hashtable import filter_out_sparse_param
+    from recis.optim import SparseAdamW
+    from recis.serialize import checkpoint
+
+    gate = threading.Event()
+    real = checkpoint.write_safetensors
+
+    def held(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            gate.wait(60)
+        return real(*args, **kwargs)
+
+    checkpoint.write_safetensors = held
+    model = make_model(0)
+    sparse = SparseAdamW(filter_out_sparse_param(model), lr=0.05, weight_decay=0.01)
+    dense = torch.optim.Adam(model.parameters(), lr=0.01)
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    manager = CheckpointManager(model, sparse, dense, output_dir=manager_dir, async_save=True)
+    for step in range(steps):
+        batch = rank_rows(global_batch(step), rank, world)
+        dense.zero_grad()
+        sparse.zero_grad()
+        ddp(batch).backward()
+        dense.step()
+        sparse.step()
+        if step + 1 == save_at:
+            manager.save(step + 1)
+            save_file(table_state(model), os.path.join(out_dir, f"at_save-{rank}.safetensors"))
+    assert manager.saving, "the background save ended before training did"
+    gate.set()
+    manager.wait()
+
+
 def load_checkpoint(rank: int, world: int, out_dir: str, manager_dir: str) -> None:
     """Restore the latest checkpoint of ``manager_dir`` into a fresh model on ``world``
     processes; write this rank's tables."""
@@ -283,7 +325,7 @@ def dying_saver(rank: int, world: int, manager_dir: str) -> None:
         def die(self, *a, **k):
             os._exit(3)  # killed before its shard is written
 
-        checkpoint.Saver._write = die
+        checkpoint.SaveSnapshot.write_sparse = die
     manager.save(2)
 
 

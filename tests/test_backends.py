@@ -66,8 +66,9 @@ def test_map_kernels_assign_the_same_rows():
         tagged = backend.map_lookup_or_insert(table, torch.tensor([7, 7]),
                                               torch.tensor([1, 2]),
                                               torch.zeros(0, dtype=torch.int64), 0, 500)[0]
+        items = backend.map_items(table, 502)  # with holes: freed rows, rows never handed out
         results[backend.name] = (rows, inserted, n_free, next_row, reused, looked, freed, rows2,
-                                 state2, after, tagged)
+                                 state2, after, tagged, items)
     def same(a, b):
         if isinstance(a, (list, tuple)):
             return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
@@ -77,6 +78,9 @@ def test_map_kernels_assign_the_same_rows():
         assert same(a, b)
     rows, inserted, n_free, *_ = results["torch"]
     assert rows[:3].tolist() == [2, 4, 9] and bool(inserted.all())
+    ids, tags, item_rows = results["torch"][-1]
+    assert bool((item_rows[1:] > item_rows[:-1]).all()) and item_rows[-2:].tolist() == [500, 501]
+    assert tags[-2:].tolist() == [1, 2] and ids[-2:].tolist() == [7, 7]
     assert results["torch"][6].tolist()[1:] == [-1, -1, results["torch"][6][3].item()]
 
 
@@ -224,3 +228,71 @@ def test_map_resolve_and_insert_missing(with_tags):
     uniq, uniq_tags, inverse, known, rows, inserted = got["numba"]
     assert torch.equal(uniq[inverse], batch)  # first-occurrence order, inverse exact
     assert torch.equal(inserted, known < 0) and bool((rows >= 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.int64, torch.int32])
+def test_split_at_kth(dtype):
+    gen = torch.Generator().manual_seed(6)
+    ties = torch.randint(-5, 5, (1000,), generator=gen)
+    ties[:2] = torch.tensor([-(2**30), 2**30])
+    mostly_zero = torch.zeros(1000, dtype=torch.int64)
+    mostly_zero[::50] = torch.randint(-3, 4, (20,), generator=gen)
+    subset = torch.randperm(1000, generator=gen)[:600].sort().values
+    for values in (ties, mostly_zero, torch.arange(1000), torch.randperm(1000, generator=gen),
+                   torch.zeros(1000, dtype=torch.int64), torch.tensor([42])):
+        values = values.to(dtype)
+        for index in (None, subset[subset < values.numel()]):
+            picked = values if index is None else values[index]
+            positions = torch.arange(values.numel()) if index is None else index
+            for k in sorted({1, 2, 137, 500, 599, 1000} & set(range(1, picked.numel() + 1))):
+                kth = picked.sort().values[k - 1]
+                expected = (positions[picked < kth], positions[picked == kth])
+                for backend in (NUMBA, TORCH):
+                    got = backend.split_at_kth(values, index, k)
+                    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_map_items_lists_live_keys_by_row():
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.unique(torch.randint(-(2**62), 2**62, (3000,), generator=gen))
+    ids = ids[torch.randperm(ids.numel(), generator=gen)]
+    tags = ids.abs() % 5
+    tables = {}
+    for backend in (NUMBA, TORCH):
+        table = backend.map_new(8192, torch.device("cpu"))
+        backend.map_lookup_or_insert(table, ids, tags, torch.zeros(0, dtype=torch.int64), 0, 0)
+        backend.map_delete(table, ids[::3], tags[::3])  # tombstones and holes in the rows
+        tables[backend.name] = table
+    live = torch.ones(ids.numel(), dtype=torch.bool)
+    live[::3] = False
+    rows = torch.arange(ids.numel())[live]  # rows were handed out in input order
+    expected = (ids[live], tags[live], rows)
+    for table in tables.values():  # each backend reads either layout
+        for backend in (NUMBA, TORCH):
+            got = backend.map_items(table, ids.numel() + 10)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    empty = NUMBA.map_new(64, torch.device("cpu"))
+    assert all(t.numel() == 0 for b in (NUMBA, TORCH) for t in b.map_items(empty, 0))
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.9, 0.5])
+def test_decayed_count_touch(decay):
+    gen = torch.Generator().manual_seed(8)
+    count = torch.rand(20_480, 1, generator=gen, dtype=torch.float64) * 50
+    last = torch.randint(0, 40, (20_480, 1), generator=gen)
+    rows = torch.randperm(20_480, generator=gen)[:12_000]  # > PARALLEL_MIN: split on threads
+    clock = torch.tensor([40])
+    got = {}
+    for backend in (NUMBA, TORCH):
+        blocks = blocks_of(count, 1024), blocks_of(last, 1024)
+        backend.decayed_count_touch(*blocks, rows, clock, decay)
+        got[backend.name] = [as_dense(b) for b in blocks]
+    expected_count = count.clone()
+    expected_count[rows] = count[rows] * decay ** (40 - last[rows]).double() + 1
+    expected_last = last.clone()
+    expected_last[rows] = 40
+    for new_count, new_last in got.values():
+        torch.testing.assert_close(new_count, expected_count, rtol=1e-15, atol=0)
+        assert torch.equal(new_last, expected_last)
+    if decay == 1.0:
+        assert torch.equal(got["numba"][0], got["torch"][0])

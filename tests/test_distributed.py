@@ -69,6 +69,22 @@ def test_resume_on_n_processes_is_bit_exact(tmp_path):
     _assert_same(straight_dense, resumed_dense, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("saved, loaded", [(2, 2), (2, 1)])
+def test_a_sharded_background_save_holds_the_state_at_its_step(tmp_path, saved, loaded):
+    ckpt, out, back = tmp_path / "ckpt", tmp_path / "train", tmp_path / "loaded"
+    out.mkdir()
+    back.mkdir()
+    failed = run_ranks("train_with_background_save", saved, (str(out), str(ckpt), 4, STEPS),
+                       str(tmp_path))
+    assert not failed, failed
+    at_save = merged_table_states([str(out / f"at_save-{r}.safetensors") for r in range(saved)])
+    failed = run_ranks("load_checkpoint", loaded, (str(back), str(ckpt)), str(tmp_path))
+    assert not failed, failed
+    restored = merged_table_states([str(back / f"tables-{r}.safetensors")
+                                    for r in range(loaded)])
+    _assert_same(at_save, restored, atol=0, rtol=0)
+
+
 def test_a_failing_rank_stops_the_others(tmp_path):
     failed = run_ranks("failing_rank", 2, (), str(tmp_path), timeout=90,
                        collective_timeout=10)

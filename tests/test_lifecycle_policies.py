@@ -144,6 +144,50 @@ def test_eviction_state_is_saved_and_restored_exactly(tmp_path, policy, params):
     assert _ids(resumed) == _ids(straight)
 
 
+def _slots_by_id(table: HashTable) -> dict[str, dict[int, list]]:
+    ids, rows = table.ids_map()
+    return {name: dict(zip(ids.tolist(), table.slot_values(name, rows).tolist(), strict=True))
+            for name in table.slot_names}
+
+
+def test_an_incremental_checkpoint_after_lookups_holds_their_stamps(tmp_path):
+    """Policies write their stamps with kernels, without a write mark of their own: the touch
+    marks the rows, so a delta saved after lookups alone restores every stamp exactly."""
+    hooks = [FilterHook("GlobalStepFilter", {"filter_step": 3}),
+             FilterHook("LRU", {"max_rows": 60}), FilterHook("LFU", {"max_rows": 50, "decay": 0.9})]
+    table = _table(hooks)
+    seq = _sequence(5, steps=20)
+    for batch in seq[:10]:
+        table(torch.tensor(batch))
+        table._filter_hook_impl.update_step()
+    Saver(path=str(tmp_path / "c0"), hashtables={"t": table}).save()
+    for batch in seq[10:15]:  # lookups of IDs already there: stamps are their only writes
+        table(torch.tensor([i for i in batch if i in _ids(table)] or batch[:1]))
+        table._filter_hook_impl.update_step()
+    Saver(path=str(tmp_path / "c1"), hashtables={"t": table}).save(incremental=True, base="c0")
+    resumed = _table(hooks)
+    Loader(str(tmp_path / "c1"), {"t": resumed}).load()
+    assert _slots_by_id(resumed) == _slots_by_id(table)
+    for batch in seq[15:]:
+        for t in (table, resumed):
+            t(torch.tensor(batch))
+            t._filter_hook_impl.update_step()
+            t._filter_hook_impl.do_filter()
+    assert _ids(resumed) == _ids(table) and _slots_by_id(resumed) == _slots_by_id(table)
+
+
+@pytest.mark.parametrize("policy", ["LRU", "LFU"])
+def test_make_room_is_called_only_for_a_cap_on_insert(policy, monkeypatch):
+    calls = []
+    for cap in (False, True):
+        table = _table(FilterHook(policy, {"max_rows": 5, "cap_on_insert": cap}))
+        impl = table._filter_hook_impl
+        monkeypatch.setattr(impl, "make_room", lambda store, new, keep: calls.append(new))
+        table(torch.arange(3))
+        table.insert(torch.arange(3, 5), torch.ones(2, 4))
+        assert impl.caps_inserts is cap and len(calls) == (2 if cap else 0)
+
+
 def _admitted(seed: int, p: float, batches) -> list[set[int]]:
     table = HashTable([2], name="t")
     hook = AdmitHook("Probability", {"p": p, "seed": seed})
@@ -189,14 +233,18 @@ def test_bad_probability_params_are_named():
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_worst_beyond_equals_a_full_lexicographic_sort(seed):
+@pytest.mark.parametrize("last_unique", [True, False])
+def test_worst_beyond_equals_a_full_lexicographic_sort(seed, last_unique):
     from recis.nn.modules.hashtable_hook_impl import worst_beyond
 
     g = torch.Generator().manual_seed(seed)
     n = 500
+    last = torch.randperm(n, generator=g) if last_unique else torch.randint(0, 4, (n,),
+                                                                             generator=g)
     keys = [torch.randint(0, 6, (n,), generator=g).to(torch.float64),  # many ties
-            torch.randint(0, 3, (n,), generator=g), torch.randperm(n, generator=g)]
+            torch.randint(0, 3, (n,), generator=g), last]
     for max_rows in (0, 1, 137, 499, 500, 800):
+        # a stable sort: rows tied on every key go by position
         order = sorted(range(n), key=lambda i: tuple(float(k[i]) for k in keys))
         expected = set(order[:max(n - max_rows, 0)])
         got = set(worst_beyond(max_rows, keys).nonzero().view(-1).tolist())

@@ -58,12 +58,12 @@ def test_the_criteo_command_runs_as_written_from_the_repository_root(tmp_path):
 
     commands = [c for c in _commands("recis.examples.deepfm") if "--data" in c]
     assert commands, "the README gives no command on files"
-    for cmd in commands:
+    for i, cmd in enumerate(commands):
         args = []
         for word in cmd[1:]:  # the shell expands the patterns; do the same
             matches = sorted(glob.glob(str(ROOT / word))) if "[" in word else []
             args += [os.path.relpath(m, ROOT) for m in matches] or [word]
-        args += ["--steps", "3", "--no-progress", "--output", str(tmp_path / "out")]
+        args += ["--steps", "3", "--no-progress", "--output", str(tmp_path / f"out{i}")]
         done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=600,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})

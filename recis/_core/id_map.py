@@ -172,14 +172,7 @@ class IdMap:
 
     def items(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(ids, tags, rows)`` of every live key, ordered by row."""
-        live = self._table[:, 1] >= 0
-        ids, packed = self._table[live, 0], self._table[live, 1]
-        rows = packed & ROW_MASK
-        # rows are unique and below the high-water mark: place them instead of sorting
-        slot_of_row = torch.full((self._next_row,), -1, dtype=torch.int64, device=self.device)
-        slot_of_row[rows] = torch.arange(rows.numel(), device=self.device)
-        order = slot_of_row[slot_of_row >= 0]
-        return ids[order], (packed >> TAG_SHIFT)[order], rows[order]
+        return self.backend.map_items(self._table, self._next_row)
 
     def clear(self) -> None:
         """Forget every key and every row; the next key gets row 0 (statistics are kept)."""

@@ -33,12 +33,21 @@ class TablePolicy:
         return []
 
     def on_touch(self, store: TableStore, rows: Tensor) -> None:
-        """``rows`` (unique, valid) were used by a training lookup or written by an insert."""
+        """``rows`` (unique, valid) were used by a training lookup or written by an insert.
+        Called under the write lock; the store marks ``rows`` written after the call, so a
+        policy may write its slots of these rows with the backend's kernels directly
+        (:meth:`~recis._core.store.TableStore.block_list`), without a write of its own."""
 
     def make_room(self, store: TableStore, new: int, keep: Tensor) -> None:
         """``new`` keys are about to get rows (a training lookup or an insert; called under
         the write lock): a policy that caps the table may remove rows now, never ``keep`` (the
         rows the same lookup uses). Default: nothing."""
+
+    @property
+    def caps_inserts(self) -> bool:
+        """Whether :meth:`make_room` may remove rows: the store calls it (and prepares its
+        arguments, a pass over the batch's rows) only then. Default: the class defines it."""
+        return type(self).make_room is not TablePolicy.make_room
 
     def policy_state(self) -> dict[str, Tensor]:
         """The policy's own state as tensors, saved and restored with the table."""

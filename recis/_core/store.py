@@ -439,10 +439,9 @@ class TableStore:
                 policy.make_room(self, new, keep)
 
     def _capping(self) -> list[TablePolicy]:
-        """The attached policies that define :meth:`~TablePolicy.make_room` (no others: a
-        table without them pays nothing before inserts)."""
-        return [p for p in self._policies.values()
-                if type(p).make_room is not TablePolicy.make_room]
+        """The attached policies that cap inserts (:attr:`~TablePolicy.caps_inserts`; a table
+        without them pays nothing before inserts)."""
+        return [p for p in self._policies.values() if p.caps_inserts]
 
     def touch(self, rows: Tensor) -> None:
         """Let the policies see ``rows`` (unique, valid) as used now, and mark them written."""

@@ -15,7 +15,9 @@ and ``--batch-size`` is the global batch (each process takes its share of every 
 processes reach the results of one.
 
 Prints a progress bar, then one JSON line with the final figures; writes
-``OUTPUT/metrics.json`` and ``OUTPUT/training.png`` (loss, eval AUC, live IDs per table).
+``OUTPUT/metrics.json`` and ``OUTPUT/training.png`` (loss, eval AUC, live IDs per table);
+with ``--export``, ``OUTPUT/export``: the model frozen for serving (``recis.export``), which
+``python -m recis.examples.serve OUTPUT/export --data FILES`` scores files with.
 Ctrl-C stops at the next step (saving a checkpoint with ``--save-steps``; exit 130); a bad
 argument or file is one line on stderr (exit 2).
 """
@@ -27,6 +29,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -256,6 +259,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-steps", type=int, default=None,
                    help="save a checkpoint every N steps into OUTPUT/checkpoints and resume "
                         "from it when run again (default: no checkpoints)")
+    p.add_argument("--export", nargs="?", const="fp32", choices=["fp32", "fp16", "int8"],
+                   metavar="ROWS",
+                   help="after training, write the model for serving into OUTPUT/export "
+                        "(recis.export), rows as fp32 (the default: as trained), fp16 or int8; "
+                        "python -m recis.examples.serve OUTPUT/export --data FILES scores files")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run's results in --output")
     p.add_argument("--tensorboard", action="store_true",
@@ -318,6 +326,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rank, world = init_distributed()
+    if args.export and world > 1:
+        raise ValueError("--export needs one process (the tables are sharded under torchrun); "
+                         "export from a checkpoint loaded in one process")
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
                          f"processes ({world})")
@@ -382,6 +393,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data": source,
         "tables": tables,
     }
+    if args.export:
+        from recis.export import export
+
+        path = os.path.join(args.output, "export")
+        if args.overwrite:
+            shutil.rmtree(path, ignore_errors=True)  # an earlier run's export
+        export(model, path, dtype=args.export, config={"model": "DeepFM",
+                                                       "kwargs": model.structure})
+        result["export"] = path
     if rank == 0:
         _write_metrics(args, {**result, "history": trainer.history})
         plot(trainer.history, os.path.join(args.output, "training.png"))
@@ -412,6 +432,14 @@ def _write_metrics(args: argparse.Namespace, record: dict[str, Any]) -> None:
 _USER_ERRORS = (ValueError, TypeError, OSError, ImportError, RuntimeError)
 
 
+def error_line(err: BaseException) -> str:
+    """A user error in one line; one that may not be the user's says how to see the traceback."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    if not isinstance(err, (ValueError, OSError)):
+        message += f" ({type(err).__name__}; RECIS_TRACEBACK=1 shows the traceback)"
+    return message
+
+
 def run(argv: list[str] | None = None) -> int:
     """The command line: :func:`main`, with every user error reported in one line on stderr
     (exit 2; set ``RECIS_TRACEBACK=1`` for the traceback) and Ctrl-C stopping at the next
@@ -438,10 +466,7 @@ def run(argv: list[str] | None = None) -> int:
     except _USER_ERRORS as err:
         if os.environ.get("RECIS_TRACEBACK"):
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        if not isinstance(err, (ValueError, OSError)):  # maybe not the user's: say how to see
-            message += f" ({type(err).__name__}; RECIS_TRACEBACK=1 shows the traceback)"
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {error_line(err)}", file=sys.stderr, flush=True)
         return 2
     finally:
         import torch.distributed as dist

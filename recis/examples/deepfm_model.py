@@ -49,6 +49,10 @@ class DeepFM(nn.Module):
             raise ValueError("sparse_fields must name at least one ID feature")
         self.sparse_fields = list(sparse_fields)
         self.num_dense = num_dense
+        #: the arguments that shape the layers: ``DeepFM(**structure)`` rebuilds an empty twin
+        #: (what :func:`recis.export.load` fills with an export)
+        self.structure = {"sparse_fields": self.sparse_fields, "num_dense": num_dense,
+                          "dim": dim, "hidden": list(hidden), "dropout": dropout}
         if filter_hook is not None and filter_step:
             raise ValueError("give filter_step or filter_hook, not both")
         hook = filter_hook or (FilterHook("GlobalStepFilter", {"filter_step": filter_step})

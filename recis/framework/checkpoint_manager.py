@@ -15,6 +15,17 @@ leaves the previous checkpoint as ``latest``. ``latest`` must hold the plain nam
 checkpoint directory of ``output_dir`` (no path, not a symbolic link): anything else is a
 :class:`CheckpointError`, never a load from elsewhere. Temporary files ``*.tmp-<pid>`` that a
 killed save left in ``output_dir`` are removed by the next save once their process is gone.
+
+Non-blocking saves (``save(step, blocking=False)``, or ``async_save=True`` for every save):
+the state at ``step`` is copied in memory (the tables' saved slots, IDs and allocator state,
+the dense state: a copy as large as the saved slots) and a background thread writes it,
+publishes it and moves ``latest`` while training goes on; the checkpoint holds exactly the
+state at ``step``. One save runs at a time: a save requested while one is being written
+**waits** for it first (so does :meth:`~CheckpointManager.restore`); :meth:`~CheckpointManager.wait`
+waits for it and raises its error if it failed. Under ``torch.distributed`` every rank copies
+its shard at the same step; the threads use no collective (they would race with training's
+on the same group): each writes its files, and the last to finish publishes the checkpoint
+(see :class:`~recis.serialize.checkpoint.SaveSnapshot`) and moves ``latest``.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,7 +50,16 @@ from recis.serialize._files import (
     is_plain_name,
     read_regular,
 )
-from recis.serialize.checkpoint import Loader, Saver, chain, read_dense, read_index
+from recis.serialize.checkpoint import (
+    Loader,
+    Saver,
+    SaveSnapshot,
+    SnapshotBuffers,
+    _staging,
+    chain,
+    read_dense,
+    read_index,
+)
 from recis.utils.checks import check_positive_int
 from recis.utils.logger import Logger
 
@@ -123,6 +144,9 @@ class CheckpointManager:
             incremental checkpoint). Default: 5.
         incremental_every (int): every save but one in this many is incremental (only the
             rows changed since the previous save); 0 or 1: always full. Default: 0.
+        async_save (bool): saves (:meth:`step`, and :meth:`save` without ``blocking``) copy
+            the state and write it in a background thread (see the module docstring).
+            Default: False.
 
     Example::
 
@@ -130,12 +154,13 @@ class CheckpointManager:
                                     save_interval=500)
         step = manager.restore() or 0     # resume if run1 holds a checkpoint
         for batch in data: ...; step += 1; manager.step(step)
+        manager.wait()                    # with async_save: the last save is on disk
     """
 
     def __init__(self, model: nn.Module, sparse_optimizer: Any = None,
                  dense_optimizer: Any = None, lr_scheduler: Any = None,
                  output_dir: str = "output_dir", save_interval: int = 1000, max_keep: int = 5,
-                 incremental_every: int = 0):
+                 incremental_every: int = 0, async_save: bool = False):
         for name, value in (("save_interval", save_interval), ("max_keep", max_keep)):
             check_positive_int(value, name)
         self.model = model
@@ -146,7 +171,13 @@ class CheckpointManager:
         self.save_interval = save_interval
         self.max_keep = max_keep
         self.incremental_every = incremental_every
+        if not isinstance(async_save, bool):
+            raise TypeError(f"async_save must be a bool, got {async_save!r}")
+        self.async_save = async_save
         self._saves = 0
+        self._writer: threading.Thread | None = None  # the background save, if one runs
+        self._writer_error: BaseException | None = None
+        self._buffers = SnapshotBuffers()  # the snapshots' copies, reused
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         self.world = dist.get_world_size() if distributed else 1
@@ -220,16 +251,23 @@ class CheckpointManager:
         return tables, tensors, meta
 
     def save(self, step: int, extra: Mapping | None = None,
-             incremental: bool | None = None) -> str:
-        """Save now as ``ckpt_<step>``; returns its path. ``extra``: JSON-able state.
+             incremental: bool | None = None, blocking: bool | None = None) -> str:
+        """Save the state at ``step`` as ``ckpt_<step>``; returns its path. ``extra``:
+        JSON-able state.
+
+        ``blocking=False`` (default: ``not async_save``) copies the state and returns; a
+        background thread writes the checkpoint and moves ``latest`` (:meth:`wait` waits for
+        it). A save requested while a background save runs waits for it first.
 
         Under ``torch.distributed`` every rank calls it (collective): each writes its shard
         of the tables into the one checkpoint directory, rank 0 the dense state (and every
-        rank's RNG state) and, once all shards are in, publishes the checkpoint and moves
-        ``latest``; a rank that dies before that leaves the previous checkpoint as
+        rank's RNG state) and, once all shards are in, the checkpoint is published and
+        ``latest`` moved; a rank that dies before that leaves the previous checkpoint as
         ``latest``."""
+        blocking = not self.async_save if blocking is None else blocking
         name = f"{_PREFIX}{int(step):09d}"
         path = os.path.join(self.output_dir, name)
+        self._wait_everywhere()  # one save at a time: every rank's previous one is published
         os.makedirs(self.output_dir, exist_ok=True)
         previous = self.latest()
         if incremental is None:
@@ -241,25 +279,83 @@ class CheckpointManager:
         tensors.update(self._rng_states())
         json.dumps(meta)  # fail before writing anything if extra is not JSON-able
         self._barrier()  # every rank has read 'previous' before anything moves
-        if self.rank == 0 and os.path.exists(path):
-            if previous is not None and os.path.samefile(path, previous):
-                raise CheckpointError(f"{path} already exists and is the latest checkpoint")
-            # published by a save that was interrupted before it moved 'latest': never
-            # committed, so it is replaced
-            logger.warning("replacing %s, left by an interrupted save", path)
-            self._remove(name)
-        self._barrier()
-        Saver(self.rank, self.world, path=path, hashtables=tables,
-              tensors=tensors if self.rank == 0 else None).save(
-            incremental=incremental, base=os.path.basename(previous) if incremental else None,
-            extra=meta)
         if self.rank == 0:
-            atomic_write_bytes(os.path.join(self.output_dir, LATEST), name.encode())
-            self._prune()
+            if os.path.exists(path):
+                if previous is not None and os.path.samefile(path, previous):
+                    raise CheckpointError(f"{path} already exists and is the latest checkpoint")
+                # published by a save that was interrupted before it moved 'latest': never
+                # committed, so it is replaced
+                logger.warning("replacing %s, left by an interrupted save", path)
+                self._remove(name)
+            # parts left by a killed save would be taken for this save's
+            shutil.rmtree(_staging(path), ignore_errors=True)
+        self._barrier()
+        saver = Saver(self.rank, self.world, path=path, hashtables=tables,
+                      tensors=tensors if self.rank == 0 else None)
+        base = os.path.basename(previous) if incremental else None
+        if blocking:
+            saver.save(incremental=incremental, base=base, extra=meta)
+            if self.rank == 0:
+                self._commit(name)
+            self._barrier()  # 'latest' names the new checkpoint for every rank
+        else:
+            snapshot = saver.snapshot(incremental=incremental, base=base, extra=meta,
+                                      buffers=self._buffers)
+            self._writer = threading.Thread(target=self._write_in_background,
+                                            args=(snapshot, name), name=f"recis-save-{name}")
+            self._writer.start()  # not a daemon: the interpreter waits for it at exit
         self._saves += 1
-        self._barrier()  # 'latest' names the new checkpoint for every rank
-        logger.info("saved %s%s", path, " (incremental)" if incremental else "")
+        logger.info("%s %s%s", "saved" if blocking else "saving in the background", path,
+                    " (incremental)" if incremental else "")
         return path
+
+    def _commit(self, name: str) -> None:
+        """After ``name`` is published: point ``latest`` at it, delete old checkpoints."""
+        atomic_write_bytes(os.path.join(self.output_dir, LATEST), name.encode())
+        self._prune()
+
+    def _write_in_background(self, snapshot: SaveSnapshot, name: str) -> None:
+        try:
+            if snapshot.write():  # this rank's part was the last: it published
+                self._commit(name)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._writer_error = e
+
+    def wait(self) -> None:
+        """Wait for the background save, if one runs; raise its error if it failed (the
+        checkpoint was not published and ``latest`` still names the previous one)."""
+        error = self._join()
+        if error is not None:
+            raise CheckpointError(f"the background save failed: {type(error).__name__}: "
+                                  f"{error}") from error
+
+    def _join(self) -> BaseException | None:
+        """Wait for the background save; its error, if it failed (then forgotten)."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        error, self._writer_error = self._writer_error, None
+        return error
+
+    def _wait_everywhere(self) -> None:
+        """:meth:`wait` on every rank (collective): a failed background save on any rank is
+        an error on all of them, so that none is left waiting in a collective."""
+        error = self._join()
+        failed = error is not None
+        if self.world > 1:
+            flag = torch.tensor([int(failed)], device=collective_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if int(flag.item()) and not failed:
+                raise CheckpointError("the previous background save failed on another rank; "
+                                      "see its error")
+        if failed:
+            raise CheckpointError(f"the background save failed: {type(error).__name__}: "
+                                  f"{error}") from error
+
+    @property
+    def saving(self) -> bool:
+        """True while a background save is being written."""
+        return self._writer is not None and self._writer.is_alive()
 
     def step(self, global_step: int, extra: Mapping | None = None) -> str | None:
         """Save if ``global_step`` is a multiple of ``save_interval``."""
@@ -318,6 +414,7 @@ class CheckpointManager:
         name tensors it lacks is a :class:`CheckpointError` and leaves the model untouched.
         State that does not fit the optimizers (their own ``load_state_dict`` rejects it) is
         a :class:`CheckpointError` too, raised after the tables were loaded."""
+        self.wait()
         path = path or self.latest()
         if path is None:
             return None

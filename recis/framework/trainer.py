@@ -30,6 +30,7 @@ from recis.hooks.hook import Hook
 from recis.hooks.logger_hook import LoggerHook
 from recis.nn.modules.hashtable import HashTable
 from recis.ragged.tensor import RaggedTensor
+from recis.serialize._files import CheckpointError
 from recis.utils.checks import check_positive_int
 from recis.utils.logger import Logger
 
@@ -80,6 +81,8 @@ class TrainingArguments:
     progress_bar: bool = True  # tqdm bar with loss and examples/s
     resume: bool = True  # with save_steps: continue from output_dir's latest checkpoint
     incremental_every: int = 0  # every save but one in N is incremental (0: always full)
+    async_save: bool = False  # save_steps checkpoints are copied at the step and written by a
+    # background thread while training goes on (train() waits for the last one before it returns)
     tensorboard_dir: str | None = None  # write history records as TensorBoard scalars here
     # (rank 0; needs the ``tensorboard`` package: pip install "recis[tensorboard]")
 
@@ -156,7 +159,10 @@ class Trainer:
     and at the end; ``train()`` first restores the latest checkpoint in ``output_dir`` and skips
     the batches already trained on (the datasets must replay the same batches in the same
     order, as the recis readers and the synthetic stream do with a fixed seed). Training then
-    continues exactly as if it had not stopped.
+    continues exactly as if it had not stopped. With ``async_save`` the state at each save step
+    is copied and written by a background thread while training goes on; ``train()`` waits for
+    the last save before it returns or raises (see
+    :class:`~recis.framework.checkpoint_manager.CheckpointManager`).
 
     Several processes (``torch.distributed`` initialised, more than one rank): the model is
     wrapped in ``DistributedDataParallel`` (its tables shard themselves), every rank steps
@@ -216,7 +222,8 @@ class Trainer:
             checkpoint_manager = CheckpointManager(
                 model, sparse_optimizer, self.dense_optimizer, self.lr_scheduler,
                 output_dir=self.args.output_dir, save_interval=self.args.save_steps,
-                max_keep=self.args.max_to_keep, incremental_every=self.args.incremental_every)
+                max_keep=self.args.max_to_keep, incremental_every=self.args.incremental_every,
+                async_save=self.args.async_save)
         self.checkpoint_manager = checkpoint_manager
         self.history: list[dict[str, Any]] = []
         self._interrupted = False
@@ -389,6 +396,18 @@ class Trainer:
             return None
         return self.checkpoint_manager.save(self.global_step, self._checkpoint_extra())
 
+    def _wait_for_saves(self, raise_error: bool) -> None:
+        """Wait for the checkpoint manager's background save (``async_save``), if any."""
+        wait = getattr(self.checkpoint_manager, "wait", None)
+        if wait is None:
+            return
+        try:
+            wait()
+        except CheckpointError:
+            if raise_error:
+                raise
+            logger.exception("the background save failed too")
+
     def _resume(self) -> int:
         manager = self.checkpoint_manager
         if manager is None or not self.args.resume or manager.latest() is None:
@@ -407,8 +426,12 @@ class Trainer:
         """Run the loop; returns :attr:`history`. Raises :class:`TrainingInterrupted` after a
         Ctrl-C (see the class docstring)."""
         self._interrupted = False
-        with self._stop_on_sigint():
-            history = self._train()
+        try:
+            with self._stop_on_sigint():
+                history = self._train()
+        except BaseException:
+            self._wait_for_saves(raise_error=False)  # the error that stopped training wins
+            raise
         if self._interrupted:
             raise TrainingInterrupted(self.global_step, self._saved_on_stop)
         return history
@@ -491,6 +514,7 @@ class Trainer:
             self.global_step % manager.save_interval
         ):
             self.save_checkpoint()  # the final state, unless the last step just saved it
+        self._wait_for_saves(raise_error=True)
         if manager is not None and self._interrupted:
             self._saved_on_stop = manager.latest()
         if window_steps:

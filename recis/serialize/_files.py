@@ -3,12 +3,18 @@
 Data files are standard safetensors (8-byte little-endian header size, JSON header, raw
 little-endian data), written by :func:`write_safetensors` in one pass that also computes a
 CRC-32 of the whole file, so ``safetensors.safe_open`` reads them and the checkpoint index can
-carry a checksum and a listing of the tensors without a second pass over the data.
+carry a checksum and a listing of the tensors without a second pass over the data. A tensor
+can be given in pieces (:class:`TensorPieces`, e.g. views of a table's storage blocks): they
+are written one after the other, never concatenated in memory.
 
 Reading trusts nothing in the file: :func:`read_safetensors` opens only a regular file (never
 through a symbolic link, never blocking on a FIFO or a device), compares its size with the
 index before reading a byte of it, then its CRC-32, then its header against the index's listing
-(same keys, dtypes and shapes; the data offsets contiguous and inside the file).
+(same keys, dtypes and shapes; the data offsets contiguous and inside the file). The file is
+memory-mapped (copy-on-write: nothing written to the tensors reaches the file); the CRC pass
+reads it from the page cache and the tensors are views of the mapping, so the data is copied
+once, into its destination. Do not truncate a file while it is loaded: reading a mapped page
+past the end of a truncated file kills the process (SIGBUS).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import mmap
 import os
 import re
 import stat
@@ -23,6 +30,7 @@ import struct
 import zlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -147,6 +155,18 @@ def atomic_write_json(path: str, obj: object) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
+class TensorPieces(NamedTuple):
+    """A tensor of ``dtype`` and ``shape`` given as contiguous ``pieces`` that, concatenated
+    along dim 0, make it: written piece by piece, never concatenated in memory. Example::
+
+        TensorPieces(torch.float32, (3, 2), [torch.zeros(1, 2), torch.ones(2, 2)])
+    """
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    pieces: list[torch.Tensor]
+
+
 def _as_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous().cpu()
     if t.dtype == torch.bfloat16:
@@ -154,26 +174,34 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B") if t.numel() else memoryview(b"")
 
 
-def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor],
+def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor | TensorPieces],
                       metadata: Mapping[str, str] | None = None) -> dict:
-    """Write ``tensors`` as a safetensors file (fsynced); returns what the index records of it:
-    ``{"crc32", "bytes", "tensors": {key: {"dtype": "F32", "shape": [...]}}}``."""
+    """Write ``tensors`` (tensors or :class:`TensorPieces`) as a safetensors file (fsynced);
+    returns what the index records of it: ``{"crc32", "bytes", "tensors": {key: {"dtype":
+    "F32", "shape": [...]}}}``."""
     header: dict[str, object] = {}
     listing: dict[str, dict] = {}
+    data: list[memoryview] = []
     offset = 0
     for name, t in tensors.items():
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"tensor {name!r}: dtype {t.dtype} cannot be saved")
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+        dtype, shape, pieces = t if isinstance(t, TensorPieces) else (t.dtype, t.shape, [t])
+        if dtype not in _DTYPES:
+            raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be saved")
+        size = math.prod(shape) * _ITEMSIZE[_DTYPES[dtype]]
+        chunks = [_as_bytes(p) for p in pieces]
+        if sum(c.nbytes for c in chunks) != size or any(p.dtype != dtype for p in pieces):
+            raise ValueError(f"tensor {name!r}: its pieces do not make a {dtype} tensor of "
+                             f"shape {list(shape)}")
+        data += chunks
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
-        listing[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape)}
+        listing[name] = {"dtype": _DTYPES[dtype], "shape": list(shape)}
         offset += size
     if metadata:
         header["__metadata__"] = dict(metadata)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    chunks = [struct.pack("<Q", len(blob)), blob] + [_as_bytes(t) for t in tensors.values()]
+    chunks = [struct.pack("<Q", len(blob)), blob] + data
 
     def checksum() -> int:
         crc = 0
@@ -195,6 +223,9 @@ def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor],
     return {"crc32": crc, "bytes": 8 + len(blob) + offset, "tensors": listing}
 
 
+_CRC_CHUNK = 1 << 24
+
+
 def read_safetensors(path: str, expected: Mapping) -> dict[str, torch.Tensor]:
     """Read a whole safetensors file that the index describes as ``expected`` (``{"crc32",
     "bytes", "tensors"}``, see :func:`write_safetensors`).
@@ -204,7 +235,8 @@ def read_safetensors(path: str, expected: Mapping) -> dict[str, torch.Tensor]:
     checked before any data is read; its CRC-32 must match; its header must list exactly the
     tensors of ``expected["tensors"]`` with the same dtypes and shapes, and their data must
     tile the data section (contiguous, no gap, no overlap, nothing past the end). Only then
-    are tensors built, so a header that lies about a dtype never reinterprets data.
+    are tensors built, so a header that lies about a dtype never reinterprets data. The
+    tensors are views of a private memory mapping of the file (writable, copy-on-write).
     """
     fd, size = open_regular(path)
     try:
@@ -213,26 +245,30 @@ def read_safetensors(path: str, expected: Mapping) -> dict[str, torch.Tensor]:
                 f"checkpoint file {path} has {size} bytes, the index says "
                 f"{expected['bytes']}: it is truncated or was overwritten"
             )
-        data = _read_exactly(fd, size, path, "checkpoint file")
+        data = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
     finally:
         os.close(fd)
-    if zlib.crc32(data) != expected["crc32"]:
+    view = memoryview(data)
+    crc = 0
+    for start in range(0, size, _CRC_CHUNK):
+        crc = zlib.crc32(view[start : start + _CRC_CHUNK], crc)
+    if crc != expected["crc32"]:
         raise CheckpointError(f"checkpoint file {path} is corrupted (CRC-32 mismatch)")
-    header, base = _checked_header(path, data, expected["tensors"])
+    header, base = _checked_header(path, view, expected["tensors"])
     out = {}
     for key, info in header.items():
         start, end = info["data_offsets"]
         dtype = _FROM_CODE[info["dtype"]]
-        raw = torch.from_numpy(data[base + start : base + end])
-        if dtype == torch.bfloat16:
-            t = raw.view(torch.int16).view(torch.bfloat16)
+        if end > start:
+            t = torch.frombuffer(data, dtype=dtype, offset=base + start,
+                                 count=(end - start) // _ITEMSIZE[info["dtype"]])
         else:
-            t = raw.view(dtype) if end > start else torch.zeros(0, dtype=dtype)
+            t = torch.zeros(0, dtype=dtype)
         out[key] = t.reshape(info["shape"])
     return out
 
 
-def _checked_header(path: str, data: np.ndarray, listing: Mapping) -> tuple[dict, int]:
+def _checked_header(path: str, data: memoryview, listing: Mapping) -> tuple[dict, int]:
     """The tensors of a safetensors header (``__metadata__`` left out) and where the data
     section starts, after checking the header against the index's ``listing``."""
 
@@ -241,11 +277,11 @@ def _checked_header(path: str, data: np.ndarray, listing: Mapping) -> tuple[dict
 
     if len(data) < 8:
         raise fail("shorter than a safetensors header")
-    (size,) = struct.unpack("<Q", data[:8].tobytes())
+    (size,) = struct.unpack("<Q", data[:8])
     if size > len(data) - 8:
         raise fail(f"the header claims {size} bytes, the file has {len(data) - 8} after it")
     try:
-        header = json.loads(data[8 : 8 + size].tobytes().decode("utf-8"))
+        header = json.loads(bytes(data[8 : 8 + size]).decode("utf-8"))
     except ValueError as e:
         raise fail(f"the safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):

@@ -14,6 +14,15 @@ A checkpoint is a directory that becomes visible only when complete::
 Every file is written under a hidden staging directory ``.ckpt_000100.partial``, fsynced, and
 the directory is renamed to its final name by the last shard to finish, after ``index.json``
 is in place; a process killed at any moment leaves either no checkpoint or a complete one.
+Under ``torch.distributed`` (:meth:`Saver.save`) shard 0 publishes after a barrier; without
+collectives (one process per shard, or :meth:`SaveSnapshot.write` in a background thread) each
+shard writes its index part and the one that finds every part written publishes, claiming the
+file ``.publishing`` (``O_EXCL``) so that exactly one does. The staging directory must hold no
+part of an earlier, killed attempt (``CheckpointManager`` removes it before a save).
+
+Rows are written in storage order (row ``i`` of every slot belongs to ``ids[i]``), straight
+from the tables' storage blocks: :meth:`Saver.save` holds the tables' locks while it writes
+them; :meth:`Saver.snapshot` copies them (into :class:`SnapshotBuffers`) and returns.
 
 Loading trusts nothing it reads (see :func:`read_index` and
 :func:`recis.serialize._files.read_safetensors`): the index must carry a valid checksum and
@@ -49,14 +58,18 @@ Reading a checkpoint without recis::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -66,6 +79,7 @@ from recis.serialize import recis_format
 from recis.serialize._files import (
     DTYPE_CODES,
     CheckpointError,
+    TensorPieces,
     atomic_write_json,
     dtype_code,
     dtype_from_name,
@@ -80,13 +94,15 @@ from recis.utils.logger import Logger
 
 logger = Logger(__name__)
 
-__all__ = ["Saver", "Loader", "CheckpointReader", "CheckpointError", "compact", "FORMAT_VERSION"]
+__all__ = ["Saver", "SaveSnapshot", "SnapshotBuffers", "Loader", "CheckpointReader",
+           "CheckpointError", "compact", "FORMAT_VERSION"]
 
 FORMAT = "recis-checkpoint"
 FORMAT_VERSION = 2  # 2: index_checksum, per-file tensor listings, escaped names in keys
 INDEX = "index.json"
 CHECKSUM = "index_checksum"
 DENSE_FILE = "dense.safetensors"
+CLAIM = ".publishing"  # created (O_EXCL) by the shard that publishes without a barrier
 SLICE_SIZE = 65536
 
 
@@ -215,19 +231,103 @@ def _saved_slots(store) -> list[str]:
     return [spec.name for spec in store.slot_specs() if spec.saved]
 
 
-def _export_live(store, child: int, rows: Tensor | None,
-                 snapshot: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
-    """``{"id": ids, "row": rows, slot: values, ...}`` of one child's live rows (all, or
-    those among ``rows``), ordered by row."""
-    ids, tags, all_rows = snapshot
-    keep = tags == child
-    if rows is not None:
-        keep &= torch.isin(all_rows, rows)
-    ids, sel = ids[keep], all_rows[keep]
-    out = {"id": ids, "row": sel}
-    for name in _saved_slots(store):
-        out[name] = store.read(name, sel)
-    return out
+class SnapshotBuffers:
+    """Memory for the copies of :meth:`Saver.snapshot`, kept from one snapshot to the next.
+
+    A copy into fresh memory pays a page fault per page on first touch (on the VMs we
+    measured, a 768 MB copy ran ~10x slower than into memory used before), so a
+    :class:`~recis.framework.checkpoint_manager.CheckpointManager` keeps the buffers of its
+    last snapshot (as large as the saved slots) and copies the next one into them.
+    :meth:`copy` hands out the buffer at once and :meth:`flush` copies the data, a few
+    threads each copying whole blocks (on CPU with numpy: an OpenMP copy per block waits for
+    its slowest thread, which made snapshots ~15x slower on a loaded machine).
+
+    Example::
+
+        buffers = SnapshotBuffers()
+        snap = saver.snapshot(buffers=buffers)   # copies into reused memory
+        snap.write()                             # gives the buffers back when written
+    """
+
+    def __init__(self):
+        self._free: dict[tuple, list[Tensor]] = {}
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._lock = threading.Lock()
+
+    def copy(self, t: Tensor) -> Tensor:
+        """The buffer that holds a copy of ``t`` once :meth:`flush` ran: a kept one of the
+        same shape and dtype when there is one."""
+        with self._lock:
+            free = self._free.get((t.shape, t.dtype, t.device))
+            buffer = free.pop() if free else None
+        if buffer is None:
+            buffer = torch.empty_like(t, memory_format=torch.contiguous_format)
+        self._pending.append((buffer, t))
+        return buffer
+
+    def flush(self) -> None:
+        """Copy the data of every :meth:`copy` since the last flush."""
+        pending, self._pending = self._pending, []
+
+        def copy(pair: tuple[Tensor, Tensor]) -> None:
+            dst, src = pair
+            if src.device.type != "cpu" or not src.is_contiguous() or src.numel() == 0:
+                dst.copy_(src)
+            else:  # numpy releases the GIL: the threads copy side by side
+                np.copyto(dst.view(torch.uint8).numpy(), src.view(torch.uint8).numpy())
+
+        threads = min(torch.get_num_threads(), len(pending))
+        if threads <= 1:
+            for pair in pending:
+                copy(pair)
+            return
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(copy, pending))
+
+    def give_back(self, buffers: list[Tensor]) -> None:
+        """Keep ``buffers`` (a written snapshot's) for the next snapshot, and only them: the
+        memory kept is at most one snapshot's."""
+        free: dict[tuple, list[Tensor]] = {}
+        for b in buffers:
+            free.setdefault((b.shape, b.dtype, b.device), []).append(b)
+        with self._lock:
+            self._free = free
+
+    def clear(self) -> None:
+        """Release the kept memory."""
+        with self._lock:
+            self._free.clear()
+
+
+def _storage_pieces(store, slot: str, rows: Tensor,
+                    copies: SnapshotBuffers | None) -> TensorPieces:
+    """Values of ``slot`` at ``rows`` (ascending storage rows) as pieces, one per block: a
+    view of the block where its rows among ``rows`` are one contiguous range (every block of
+    a table without holes), a gathered copy elsewhere. With ``copies`` the views are copied
+    too (into its buffers): a snapshot that later writes to the table leave as it is. Call
+    under the table's lock."""
+    spec = store.slot_spec(slot)
+    shape = (rows.numel(), *spec.row_shape)
+    if rows.numel() == 0:
+        return TensorPieces(spec.dtype, shape, [])
+    size = store.block_size
+    blocks = store.blocks(slot)
+    edges = torch.arange(len(blocks) + 1, device=rows.device) * size
+    bounds = torch.searchsorted(rows, edges)
+    starts, ends = bounds[:-1], bounds[1:]
+    firsts = rows[starts.clamp(max=rows.numel() - 1)].tolist()
+    lasts = rows[(ends - 1).clamp(min=0)].tolist()
+    pieces = []
+    for b, (lo, hi) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        if lo == hi:
+            continue
+        first, last = firsts[b] - b * size, lasts[b] - b * size
+        if last - first == hi - lo - 1:  # one contiguous range of the block
+            view = blocks[b][first : last + 1]
+            pieces.append(view if copies is None else copies.copy(view))
+        else:
+            pieces.append(store.read(slot, rows[lo:hi]))
+    return TensorPieces(spec.dtype, shape, pieces)
 
 
 class Saver:
@@ -247,6 +347,10 @@ class Saver:
         format (str): ``"recis"`` writes RecIS's layout instead (``parallel`` files per
             shard, see :mod:`recis.serialize.recis_format`), for RecIS to read. Default:
             ``"native"``, this module's layout.
+
+    :meth:`save` writes while the tables wait (their rows go to the file straight from the
+    storage blocks, in storage order); :meth:`snapshot` copies the state and returns at once,
+    and its :meth:`SaveSnapshot.write` can then run in another thread while training goes on.
 
     Example::
 
@@ -278,6 +382,10 @@ class Saver:
         ``incremental=True`` writes only what changed since the tables were last saved and
         names ``base`` (the previous checkpoint's directory name) in the index. ``extra``
         is JSON-serialisable state stored in the index (shard 0). Returns the path.
+
+        The tables are locked until this shard's file is written (their rows are written
+        from the storage blocks, not copied). Under ``torch.distributed`` the shards meet at
+        a barrier and shard 0 publishes.
         """
         if self.format == "recis":
             if incremental or base is not None or extra:
@@ -286,6 +394,41 @@ class Saver:
             return recis_format.save_recis(self.path, self.tables, self.tensors,
                                            self.shard_index, self.shard_num, self.parallel,
                                            self.filter_func)
+        in_full = self._start(incremental, base)
+        with contextlib.ExitStack() as locks:
+            for table in self.tables.values():
+                locks.enter_context(table.store.lock.write())
+            snap = self._capture(incremental, base, extra, in_full, copies=None)
+            snap.write_sparse()
+        collective = self.shard_num > 1 and dist.is_available() and dist.is_initialized()
+        snap.finish(collective)
+        return self.path
+
+    def snapshot(self, incremental: bool = False, base: str | None = None,
+                 extra: Mapping | None = None,
+                 buffers: SnapshotBuffers | None = None) -> SaveSnapshot:
+        """Copy what :meth:`save` would write (the tables' rows and slots, the dense tensors)
+        as it is now and return it; :meth:`SaveSnapshot.write` writes it later, from any
+        thread, while the tables change. Costs a copy of the saved slots in memory (into
+        ``buffers``, reused from one snapshot to the next, when given).
+
+        Example::
+
+            snap = Saver(path="ckpt/ckpt_000100", hashtables=tables).snapshot()
+            threading.Thread(target=snap.write).start()   # training goes on
+        """
+        in_full = self._start(incremental, base)
+        with contextlib.ExitStack() as locks:
+            for table in self.tables.values():
+                locks.enter_context(table.store.lock.write())
+            return self._capture(incremental, base, extra, in_full,
+                                 copies=buffers if buffers is not None else SnapshotBuffers())
+
+    def _start(self, incremental: bool, base: str | None) -> set[str]:
+        """Check the arguments; the tables an incremental save writes in full."""
+        if self.format == "recis":
+            raise ValueError("snapshot() writes recis's own layout; format='recis' saves only "
+                             "through save()")
         if incremental and not base:
             raise ValueError("an incremental save needs base= (the previous checkpoint)")
         if base is not None and not is_plain_name(base):
@@ -293,19 +436,23 @@ class Saver:
                              f"sibling of path, no separator, no leading dot), got {base!r}")
         if os.path.exists(self.path):
             raise CheckpointError(f"{self.path} already exists; checkpoints are never overwritten")
+        return self._tables_in_full(incremental)
+
+    def _capture(self, incremental: bool, base: str | None, extra: Mapping | None,
+                 in_full: set[str], copies: SnapshotBuffers | None) -> SaveSnapshot:
+        """The state to write, taken under the tables' locks: IDs and rows of each child in
+        storage order, slot values as pieces of the blocks (views, or copies into
+        ``copies``)."""
         children = _children(self.tables)
-        staging = _staging(self.path)
-        os.makedirs(staging, exist_ok=True)
         n, k = self.shard_num, self.shard_index
-        data: dict[str, Tensor] = {}
+        data: dict[str, Tensor | TensorPieces] = {}
         rows_saved: dict[str, int] = {}
         policies: dict[str, dict[str, str]] = {}
         replaced: list[str] = []
         taken = []  # (store, changes) to give back if the save fails
-        in_full = self._tables_in_full(incremental)
-        for table in self.tables.values():
-            store = table.store
-            with store.lock.write():  # one consistent state of the table, changes taken with it
+        try:
+            for table in self.tables.values():
+                store = table.store
                 changes = store.take_changes()
                 taken.append((store, changes))
                 full = table.name in in_full
@@ -314,15 +461,24 @@ class Saver:
                     replaced += table.children_hashtable  # the removal log overflowed
                     logger.info("table %s: too many removals since the last save; its rows "
                                 "are saved in full", table.name)
-                snapshot = store.items()
-                for idx, child in enumerate(table.children_hashtable):
-                    if written is not None:
-                        removed = changes.removed_ids[changes.removed_tags == idx]
-                        data[_key(child, "deleted_id", k, n)] = removed.cpu()
-                    part = _export_live(store, idx, written, snapshot)
-                    rows_saved[child] = int(part["id"].numel())
-                    for field, values in part.items():
-                        data[_key(child, field, k, n)] = values.cpu()
+                all_ids, tags, all_rows = store.items()  # by row: storage order
+                kids = table.children_hashtable
+                for idx, child in enumerate(kids):
+                    ids, rows = all_ids, all_rows
+                    if len(kids) > 1 or written is not None:
+                        keep = tags == idx
+                        if written is not None:
+                            keep &= torch.isin(all_rows, written)
+                            removed = changes.removed_ids[changes.removed_tags == idx]
+                            data[_key(child, "deleted_id", k, n)] = removed.cpu()
+                        ids, rows = all_ids[keep], all_rows[keep]
+                    # row i of every slot belongs to ids[i]
+                    data[_key(child, "id", k, n)] = ids.cpu()
+                    data[_key(child, "row", k, n)] = rows.cpu()
+                    rows_saved[child] = rows.numel()
+                    for slot in _saved_slots(store):
+                        data[_key(child, slot, k, n)] = _storage_pieces(store, slot, rows,
+                                                                        copies)
                 # what an exact restore needs besides the live rows: the allocator state and
                 # the seed of initial values (rows without an ID hold defaults)
                 for field, values in store.layout().items():
@@ -332,14 +488,31 @@ class Saver:
                     for field, value in state.items():
                         data[_gkey(_rec(table.name, f"policy_{tag}"), field, k, n)] = value.cpu()
                     policies.setdefault(table.name, {})[tag] = key
-        try:
-            self._write(staging, data, children, rows_saved, policies, replaced, incremental,
-                        base, extra)
+            if copies is not None:
+                copies.flush()
+            if self.filter_func is not None:
+                keep_keys = set(self.filter_func(list(data)))
+                data = {key: v for key, v in data.items() if key in keep_keys}
+            written_fields = _written(data)
+            tables_info = {c: _table_info(t, c, written_fields[_esc(c)])
+                           for c, (t, _) in children.items() if _esc(c) in written_fields}
+            dense = {}
+            if k == 0:
+                dense = {name: t.detach().to("cpu", copy=copies is not None)
+                         for name, t in self.tensors.items()}
+            part = {
+                "tables": tables_info,
+                "physical": {t.name: list(t.children_hashtable) for t in self.tables.values()},
+                "policies": policies,
+                "replaced": replaced,
+                "rows": rows_saved,
+                "dense": sorted(self.tensors) if k == 0 else [],
+                "extra": json.loads(json.dumps(dict(extra or {}))) if k == 0 else {},
+            }
         except BaseException:
-            for store, changes in taken:
-                store.give_back_changes(changes)
+            _give_back(taken)
             raise
-        return self.path
+        return SaveSnapshot(self, data, dense, part, taken, incremental, base, copies)
 
     def _tables_in_full(self, incremental: bool) -> set[str]:
         """Tables an incremental save must write in full: their log of removed IDs overflowed
@@ -357,41 +530,6 @@ class Saver:
             flags = flags.cpu()
         return {t.name for t, ok in zip(self.tables.values(), flags.tolist(), strict=True)
                 if not ok}
-
-    def _write(self, staging, data, children, rows_saved, policies, replaced, incremental, base,
-               extra) -> None:
-        n, k = self.shard_num, self.shard_index
-        if self.filter_func is not None:
-            keep = set(self.filter_func(list(data)))
-            data = {key: v for key, v in data.items() if key in keep}
-        written = _written(data)
-        tables_info = {c: _table_info(t, c, written[_esc(c)])
-                       for c, (t, _) in children.items() if _esc(c) in written}
-        files = {_sparse_file(k, n): write_safetensors(
-            os.path.join(staging, _sparse_file(k, n)), data,
-            {"format": FORMAT, "version": str(FORMAT_VERSION)})}
-        if k == 0 and self.tensors:
-            files[DENSE_FILE] = write_safetensors(
-                os.path.join(staging, DENSE_FILE),
-                {name: t.detach().cpu() for name, t in self.tensors.items()},
-                {"format": FORMAT, "version": str(FORMAT_VERSION)})
-        shard_index = {
-            "files": files,
-            "tables": tables_info,
-            "physical": {t.name: list(t.children_hashtable) for t in self.tables.values()},
-            "policies": policies,
-            "replaced": replaced,
-            "rows": rows_saved,
-            "dense": sorted(self.tensors) if k == 0 else [],
-            "extra": dict(extra or {}) if k == 0 else {},
-        }
-        atomic_write_json(os.path.join(staging, _shard_index(k, n)), _sealed(shard_index))
-        if dist.is_available() and dist.is_initialized() and n > 1:
-            dist.barrier()
-            if k == 0:
-                self._publish(staging, incremental, base)
-        elif all(os.path.exists(os.path.join(staging, _shard_index(s, n))) for s in range(n)):
-            self._publish(staging, incremental, base)
 
     def _publish(self, staging: str, incremental: bool, base: str | None) -> None:
         """Merge the shards' index parts (each checked like an index) into ``index.json``."""
@@ -422,6 +560,89 @@ class Saver:
             index["dense"] += part["dense"]
             index["extra"].update(part["extra"])
         _publish_dir(staging, self.path, index)
+
+
+def _give_back(taken: list) -> None:
+    """Record again the changes that a failed save took from the tables."""
+    for store, changes in taken:
+        store.give_back_changes(changes)
+
+
+class SaveSnapshot:
+    """One shard's part of a checkpoint, captured by :meth:`Saver.snapshot` (or, viewing the
+    live blocks, by :meth:`Saver.save`), ready to be written.
+
+    :meth:`write` writes it and, if this shard is the last one to finish, publishes the
+    checkpoint; it uses no collective, so it can run in a background thread while the
+    training's collectives go on. If it fails, the tables' changes it took are recorded again
+    (the next incremental save still holds them) and nothing is published.
+    """
+
+    def __init__(self, saver: Saver, data: dict, dense: dict, part: dict, taken: list,
+                 incremental: bool, base: str | None, buffers: SnapshotBuffers | None):
+        self.saver, self.data, self.dense, self.part = saver, data, dense, part
+        self.taken, self.incremental, self.base = taken, incremental, base
+        self.buffers = buffers
+        self.path = saver.path
+        self.staging = _staging(saver.path)
+        self.files: dict[str, dict] = {}
+
+    def write(self) -> bool:
+        """Write this shard's files and publish the checkpoint if every shard's part is in;
+        returns True if this call published it."""
+        self.write_sparse()
+        return self.finish(collective=False)
+
+    def write_sparse(self) -> None:
+        """Write this shard's sparse file into the staging directory."""
+        saver = self.saver
+        name = _sparse_file(saver.shard_index, saver.shard_num)
+        try:
+            os.makedirs(self.staging, exist_ok=True)
+            self.files[name] = write_safetensors(
+                os.path.join(self.staging, name), self.data,
+                {"format": FORMAT, "version": str(FORMAT_VERSION)})
+        except BaseException:
+            _give_back(self.taken)
+            raise
+        finally:
+            if self.buffers is not None:  # the copies, for the next snapshot
+                self.buffers.give_back([p for v in self.data.values()
+                                        if isinstance(v, TensorPieces) for p in v.pieces])
+            self.data = {}  # the views of the blocks, or the copies: not needed any more
+
+    def finish(self, collective: bool) -> bool:
+        """Write the dense file (shard 0) and this shard's index part, then publish: shard 0
+        after a barrier (``collective``), else the shard that finds every part written."""
+        saver = self.saver
+        n, k = saver.shard_num, saver.shard_index
+        try:
+            if self.dense:
+                self.files[DENSE_FILE] = write_safetensors(
+                    os.path.join(self.staging, DENSE_FILE), self.dense,
+                    {"format": FORMAT, "version": str(FORMAT_VERSION)})
+                self.dense = {}
+            atomic_write_json(os.path.join(self.staging, _shard_index(k, n)),
+                              _sealed({"files": self.files, **self.part}))
+            if collective:
+                dist.barrier()
+                if k == 0:
+                    saver._publish(self.staging, self.incremental, self.base)
+                return k == 0
+            if n > 1:
+                if not all(os.path.exists(os.path.join(self.staging, _shard_index(s, n)))
+                           for s in range(n)):
+                    return False  # a shard still writing publishes
+                try:  # the shards that find every part written race for this name
+                    os.close(os.open(os.path.join(self.staging, CLAIM),
+                                     os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except (FileExistsError, FileNotFoundError):
+                    return False  # another shard publishes (or already did)
+            saver._publish(self.staging, self.incremental, self.base)
+            return True
+        except BaseException:
+            _give_back(self.taken)
+            raise
 
 
 def _publish_dir(staging: str, final: str, index: dict) -> None:
@@ -983,20 +1204,29 @@ def _restore_exact(table: HashTable, contents: list[dict]) -> None:
     capacity = int(layout["capacity"][0])
     replay = _RowReplay(table.name, table.children_hashtable, table.device)
     slots = set(table.slot_names)
+    writes: list[tuple[str, Tensor, Tensor]] = []  # in chain order: later ones win
     with table.store.restoring(capacity) as restore:
         capacity = restore.capacity  # rounded up to this table's block size
 
         def write(slot: str, rows: Tensor, values: Tensor) -> None:
-            if slot in slots:
+            if slot not in slots:
+                return
+            if rows.numel() and int(rows.max()) >= capacity:  # rows past a smaller capacity
                 keep = rows < capacity
-                restore.write(slot, rows[keep], values[keep])
+                rows, values = rows[keep], values[keep]
+            writes.append((slot, rows, values))
 
         for content in contents:
             replay.apply(content, write, lambda _: None)
         rows = replay.live()
         rows = rows[rows < capacity]
-        restore.set_keys(replay.owner_id[rows], replay.owner_tag[rows], rows,
-                         int(replay.layout["next_row"][0]), replay.layout["free"])
+        # the ID map is built (a kernel that releases the GIL) while the slots are filled
+        with ThreadPoolExecutor(1) as pool:
+            keys = pool.submit(restore.set_keys, replay.owner_id[rows], replay.owner_tag[rows],
+                               rows, int(replay.layout["next_row"][0]), replay.layout["free"])
+            for slot, slot_rows, values in writes:
+                restore.write(slot, slot_rows, values)
+            keys.result()
     _restore_seed(table, contents[-1])
 
 

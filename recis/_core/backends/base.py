@@ -169,6 +169,19 @@ class Backend:
         """A new table of ``capacity`` slots holding the live entries of ``table``."""
         raise NotImplementedError
 
+    def map_items(self, table: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ids, tags, rows)`` of the live entries, ordered by row (rows are unique and below
+        ``num_rows``)."""
+        raise NotImplementedError
+
+    def split_at_kth(self, values: Tensor, index: Tensor | None, k: int
+                     ) -> tuple[Tensor, Tensor]:
+        """Of ``values[index]`` (1-D, no NaN; all of ``values`` when ``index`` is None), the
+        entries below the ``k``-th smallest (1-based) and those equal to it: ``(below,
+        equal)``, positions into ``values`` in the order of ``index`` (eviction's order is
+        split at the k-th value, one key at a time)."""
+        raise NotImplementedError
+
     # -- blocks --------------------------------------------------------------------------------
     def gather(self, blocks: BlockList, rows: Tensor, out: Tensor) -> Tensor:
         """``out[i]`` = row ``rows[i]`` (zeros where ``rows[i] == -1``); ``out`` is
@@ -193,6 +206,14 @@ class Backend:
         """Gradient of :meth:`bag_reduce` with respect to each unique row:
         ``grad[u] = sum over occurrences i of u: c_i * grad_out[bag(i)]`` with ``c_i`` the
         weight (divided by the bag's total weight for ``mean``). ``(num_unique, width)``."""
+        raise NotImplementedError
+
+    # -- policy metadata ---------------------------------------------------------------------
+    def decayed_count_touch(self, count: BlockList, last: BlockList, rows: Tensor, clock: Tensor,
+                            decay: float) -> None:
+        """LFU's touch of unique, valid ``rows``: ``count = count * decay ** (clock - last) + 1``
+        (``count + 1`` when ``decay == 1``), ``last = clock``. ``count``: a float slot of width
+        1, ``last``: an int64 slot of width 1, ``clock``: a 1-element int64 tensor."""
         raise NotImplementedError
 
     # -- optimizer updates (rows unique: the updates are not linear) -----------------------------

@@ -127,6 +127,16 @@ class NumbaBackend(TorchBackend):
     def map_rebuild(self, table, capacity):
         return torch.from_numpy(nk.map_rebuild(table.numpy(), capacity))
 
+    def map_items(self, table, num_rows):
+        return tuple(torch.from_numpy(a) for a in nk.map_items(table.numpy(), num_rows))
+
+    def split_at_kth(self, values, index, k):
+        if values.dtype not in NUMBA_DTYPES:
+            return super().split_at_kth(values, index, k)
+        below, equal = nk.split_at_kth(values.numpy(), _EMPTY_TAGS if index is None
+                                       else index.numpy(), index is None, k - 1)
+        return torch.from_numpy(below), torch.from_numpy(equal)
+
     # -- blocks --------------------------------------------------------------------------------
     def _addresses(self, blocks: BlockList, rows: Tensor) -> np.ndarray:
         return nk.row_addresses(blocks.ptrs, blocks.block_size, rows.numpy(),
@@ -165,6 +175,13 @@ class NumbaBackend(TorchBackend):
         run_ranges(nk.bag_backward_range, num_unique, *plan, g_np, grad.numpy(),
                    work=inverse.numel())
         return grad
+
+    # -- policy metadata ---------------------------------------------------------------------
+    def decayed_count_touch(self, count, last, rows, clock, decay):
+        if count.dtype != torch.float64 or last.dtype != torch.int64 or not len(count):
+            return super().decayed_count_touch(count, last, rows, clock, decay)
+        run_ranges(nk.decayed_count_touch_range, rows.numel(), count.ptrs, last.ptrs,
+                   count.block_size, rows.numpy(), int(clock), float(decay))
 
     # -- optimizer updates -------------------------------------------------------------------------
     def _update(self, kernel: Callable, blocks: list[BlockList], rows: Tensor, grad: Tensor,

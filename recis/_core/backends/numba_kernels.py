@@ -214,6 +214,103 @@ def map_rebuild(table, capacity):
     return new
 
 
+@njit(inline="always", cache=True)
+def _split(a, lo, hi, pivot, or_equal):
+    """Move the values of ``a[lo:hi]`` below ``pivot`` (``or_equal``: not above it) to the
+    front, without branches (a random pivot would mispredict half of them); returns where the
+    rest starts."""
+    mid = lo
+    for i in range(lo, hi):
+        v = a[i]
+        a[i] = a[mid]
+        a[mid] = v
+        mid += (v <= pivot) if or_equal else (v < pivot)
+    return mid
+
+
+@njit(cache=True, nogil=True)
+def map_items(table, num_rows):
+    """``(ids, tags, rows)`` of the live slots, ordered by row: one pass over the map places
+    each entry at its row (rows are unique and below ``num_rows``), one pass over the rows
+    collects them."""
+    id_of_row = np.empty(num_rows, np.int64)
+    packed_of_row = np.full(num_rows, EMPTY, np.int64)
+    count = 0
+    for s in range(table.shape[0]):
+        v = table[s, 1]
+        if v >= 0:
+            r = v & ROW_MASK
+            id_of_row[r] = table[s, 0]
+            packed_of_row[r] = v
+            count += 1
+    ids = np.empty(count, np.int64)
+    tags = np.empty(count, np.int64)
+    rows = np.empty(count, np.int64)
+    j = 0
+    for r in range(num_rows):
+        v = packed_of_row[r]
+        if v >= 0:
+            ids[j] = id_of_row[r]
+            tags[j] = v >> TAG_SHIFT
+            rows[j] = r
+            j += 1
+    return ids, tags, rows
+
+
+@njit(cache=True, nogil=True)
+def _kth_smallest_in_place(a, k):
+    """The ``k``-th smallest (0-based) of ``a`` (no NaN), reordering ``a``: a quickselect.
+    Pivots are the median of three values at pseudo-random positions (sorted or patterned
+    input stays linear); the values equal to the pivot are split off too, so runs of equal
+    values (common in eviction keys) end it instead of slowing it down (numpy's partition is
+    5-50x slower on them)."""
+    lo, hi = 0, a.shape[0]  # the answer lies in a[lo:hi]
+    state = np.uint64(0x2545F4914F6CDD1D)
+    picks = np.empty(3, a.dtype)
+    while True:
+        for p in range(3):
+            state ^= state << np.uint64(13)
+            state ^= state >> np.uint64(7)
+            state ^= state << np.uint64(17)
+            picks[p] = a[lo + np.int64(state % np.uint64(hi - lo))]
+        x, y, z = picks[0], picks[1], picks[2]
+        pivot = max(min(x, y), min(max(x, y), z))
+        below = _split(a, lo, hi, pivot, False)
+        if k < below:
+            hi = below
+            continue
+        above = _split(a, below, hi, pivot, True)
+        if k < above:
+            return pivot
+        lo = above
+
+
+@njit(cache=True, nogil=True)
+def split_at_kth(values, index, everything, k):
+    """``(below, equal)``: the positions of ``values[index]`` (``everything``: of all
+    ``values``) below its ``k``-th smallest (0-based) and equal to it, in index order. A
+    quickselect on a copy picks the value (:func:`_kth_smallest_in_place`), then one pass sorts
+    the positions out: no index array is carried along the selection, as torch.kthvalue's is."""
+    n = values.shape[0] if everything else index.shape[0]
+    picked = np.empty(n, values.dtype)
+    for i in range(n):
+        picked[i] = values[i] if everything else values[index[i]]
+    kth = _kth_smallest_in_place(picked, k)
+    below = np.empty(k, np.int64)  # fewer than k + 1 values are below the k-th
+    equal = np.empty(n, np.int64)
+    n_below = n_equal = 0
+    for i in range(n):
+        pos = i if everything else index[i]
+        v = values[pos]
+        if v < kth:
+            below[n_below] = pos
+            n_below += 1
+        elif v == kth:
+            equal[n_equal] = pos
+            n_equal += 1
+    return below[:n_below], equal[:n_equal]
+
+
 @intrinsic
 def _as_pointer(typingctx, address):
     """An int64 address as a ``void*`` (to view a block's memory with ``carray``)."""
@@ -371,6 +468,27 @@ def bag_backward_range(starts, bag, coef, grad_out, grad_unique, lo, hi):
             src = grad_out[bag[k]]
             for j in range(width):
                 dst[j] += c * src[j]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def decayed_count_touch_range(count_ptrs, last_ptrs, block_size, rows, clock, decay, lo, hi):
+    """LFU's touch of ``rows[lo:hi]`` (unique, valid): ``count = count * decay ** (clock -
+    last) + 1`` (``count + 1`` when ``decay == 1``), ``last = clock``; float64 counts, int64
+    steps, one value a row."""
+    for i in range(lo, hi):
+        if i + _PREFETCH_AHEAD < hi:
+            ahead = rows[i + _PREFETCH_AHEAD]
+            _prefetch(count_ptrs[ahead // block_size] + (ahead % block_size) * 8)
+            _prefetch(last_ptrs[ahead // block_size] + (ahead % block_size) * 8)
+        r = rows[i]
+        b, o = r // block_size, r % block_size
+        count = carray(_as_pointer(count_ptrs[b]), (block_size,), np.float64)
+        last = carray(_as_pointer(last_ptrs[b]), (block_size,), np.int64)
+        if decay < 1.0:
+            count[o] = count[o] * decay ** np.float64(clock - last[o]) + 1.0
+        else:
+            count[o] += 1.0
+        last[o] = clock
 
 
 # -- optimizer updates over unique rows (addresses from row_addresses; rows are unique) --------

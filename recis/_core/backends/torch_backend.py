@@ -192,6 +192,18 @@ def map_rebuild(keys: Tensor, vals: Tensor, capacity: int) -> Tensor:
     return table
 
 
+def map_items(keys: Tensor, vals: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(ids, tags, rows)`` of the live entries, ordered by row."""
+    live = vals >= 0
+    ids, packed = keys[live], vals[live]
+    rows = packed & ROW_MASK
+    # rows are unique and below num_rows: place them instead of sorting
+    slot_of_row = torch.full((num_rows,), -1, dtype=torch.int64, device=keys.device)
+    slot_of_row[rows] = torch.arange(rows.numel(), device=keys.device)
+    order = slot_of_row[slot_of_row >= 0]
+    return ids[order], (packed >> TAG_SHIFT)[order], rows[order]
+
+
 def gather_rows(blocks: list[Tensor], block_size: int, rows: Tensor, out: Tensor) -> Tensor:
     """``out[i] = row rows[i]`` of the block store; zero where ``rows[i] < 0``."""
     out.zero_()
@@ -280,6 +292,16 @@ class TorchBackend(Backend):
     def map_rebuild(self, table, capacity):
         return map_rebuild(table[:, 0], table[:, 1], capacity)
 
+    def map_items(self, table, num_rows):
+        return map_items(table[:, 0], table[:, 1], num_rows)
+
+    def split_at_kth(self, values, index, k):
+        if index is None:
+            index = torch.arange(values.numel(), device=values.device)
+        picked = values[index]
+        kth = picked.kthvalue(k).values
+        return index[picked < kth], index[picked == kth]
+
     # -- blocks --------------------------------------------------------------------------------
     def gather(self, blocks, rows, out):
         return gather_rows(blocks.tensors, blocks.block_size, rows, out)
@@ -304,6 +326,16 @@ class TorchBackend(Backend):
             denom = totals[bag_of]
             coef = torch.where(denom != 0, coef / torch.where(denom != 0, denom, 1.0), 0.0)
         return grad.index_add_(0, inverse, grad_out[bag_of] * coef[:, None])
+
+    # -- policy metadata ---------------------------------------------------------------------
+    def decayed_count_touch(self, count, last, rows, clock, decay):
+        c = self._read(count, rows).view(-1)
+        if decay < 1:
+            exponent = (clock - self._read(last, rows).view(-1)).to(torch.float64)
+            c = c * torch.pow(torch.tensor(decay, dtype=torch.float64, device=c.device),
+                              exponent)
+        self.scatter(count, rows, (c + 1).view(-1, 1).to(count.dtype))
+        self.scatter(last, rows, clock.reshape(1, 1).to(last.dtype))
 
     # -- optimizer updates: gather, compute, scatter --------------------------------------------
     def adam_update(self, emb, exp_avg, exp_avg_sq, rows, grad, *, decay, beta1, beta2, alpha,

@@ -122,6 +122,11 @@ class EmbeddingEngine(nn.Module):
         """The physical :class:`HashTable` serving ``feature``."""
         return self._ht[self._fea_to_ht[feature]].hashtable
 
+    @property
+    def emb_options(self) -> dict[str, EmbeddingOption]:
+        """Feature -> its :class:`EmbeddingOption` (a copy of the dict)."""
+        return dict(self._options)
+
     def child_name(self, feature: str) -> str:
         """The logical table (child) of ``feature`` in its physical table."""
         return self._options[feature].shared_name

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from recis._core.backends import backend_for
 from recis._core.backends.torch_backend import hash_keys
 from recis._core.counter_rng import counter_uniform, mix_seed
 from recis._core.policy import TablePolicy
@@ -532,8 +533,8 @@ class GlobalStepFilterHookImpl(BaseFilterHookImpl):
         return [SlotSpec(self._name, (1,), torch.int64, 0)]
 
     def on_touch(self, store: TableStore, rows: Tensor) -> None:
-        if rows.numel():
-            store.write(self._name, rows, self._global_step.view(1, 1))
+        if rows.numel():  # the kernel alone: the rows are valid and the touch marks them
+            store.backend.scatter(store.block_list(self._name), rows, self._global_step.view(1, 1))
 
     def update_step(self, step_size: int = 1) -> None:
         self._global_step += step_size
@@ -562,25 +563,31 @@ class GlobalStepFilterHookImpl(BaseFilterHookImpl):
 
 def worst_beyond(max_rows: int, keys: list[Tensor]) -> Tensor:
     """Bool mask of the rows to remove so that ``max_rows`` remain: the first in the order of
-    ``keys`` (the first key decides, the next ones break its ties), lowest first.
+    ``keys`` (the first key decides, the next ones break its ties, then the position), lowest
+    first.
 
-    Linear in the rows plus a sort of the rows tied with the last one removed: the first key
-    is split at its k-th smallest value (``kthvalue``), so a run that removes a few thousand
-    of a million rows does not sort the million."""
+    Linear in the rows, no sort: each key is split at its k-th smallest value (a selection)
+    among the rows still tied on the previous keys, so a run that removes a few thousand of a
+    million rows, or ties half a million of them on the first key, sorts nothing."""
     n = keys[0].numel()
     remove = torch.zeros(n, dtype=torch.bool, device=keys[0].device)
-    excess = n - max_rows
-    if excess <= 0:
+    need = n - max_rows
+    if need <= 0:
         return remove
-    first = keys[0]
-    kth = first.kthvalue(excess).values
-    remove |= first < kth
-    tied = (first == kth).nonzero().squeeze(1)
-    need = excess - int(remove.sum())
-    order = torch.arange(tied.numel(), device=first.device)
-    for key in reversed(keys[1:]):  # stable sorts, last key first: a lexicographic order
-        order = order[torch.argsort(key[tied][order], stable=True)]
-    remove[tied[order[:need]]] = True
+    split_at_kth = backend_for(keys[0].device).split_at_kth
+    tied = None  # rows tied on the keys so far, ascending (None: all)
+    for key in keys:
+        low, high = (key if tied is None else key[tied]).aminmax()
+        if low == high:  # no split (e.g. the tags of a plain table)
+            continue
+        below, tied = split_at_kth(key, tied, need)  # fewer than `need` below the k-th value
+        remove[below] = True
+        need -= below.numel()
+        if tied.numel() == need:
+            break
+    if tied is None:
+        tied = torch.arange(n, device=remove.device)
+    remove[tied[:need]] = True  # the rest, tied on every key: the lowest positions
     return remove
 
 
@@ -656,6 +663,10 @@ class _CapacityFilter(_ClockFilter):
     def filter(self, ids: Tensor, tags: Tensor, rows: Tensor) -> Tensor:
         return worst_beyond(self.max_rows, self.order_keys(ids, tags, rows))
 
+    @property
+    def caps_inserts(self) -> bool:
+        return self.cap_on_insert
+
     @torch.no_grad()
     def make_room(self, store: TableStore, new: int, keep: Tensor) -> None:
         if not self.cap_on_insert or len(store) + new <= self.max_rows:
@@ -708,9 +719,9 @@ class LRUFilterHookImpl(_CapacityFilter):
         return [SlotSpec(self._name, (1,), torch.int64, 0)]
 
     def on_touch(self, store: TableStore, rows: Tensor) -> None:
-        if rows.numel():
+        if rows.numel():  # the kernel alone: the rows are valid and the touch marks them
             self._clock += 1
-            store.write(self._name, rows, self._clock.view(1, 1))
+            store.backend.scatter(store.block_list(self._name), rows, self._clock.view(1, 1))
 
     def extra_repr(self) -> str:
         return f"max_rows={self.max_rows}, name={self._name!r}, " \
@@ -768,10 +779,10 @@ class LFUFilterHookImpl(_CapacityFilter):
         return count, last
 
     def on_touch(self, store: TableStore, rows: Tensor) -> None:
-        if rows.numel():
-            count, _ = self._frequency(rows)
-            store.write(f"{self._name}_count", rows, (count + 1).view(-1, 1))
-            store.write(f"{self._name}_step", rows, self._clock.expand(rows.numel()).view(-1, 1))
+        if rows.numel():  # one fused kernel: the rows are valid and the touch marks them
+            store.backend.decayed_count_touch(store.block_list(f"{self._name}_count"),
+                                              store.block_list(f"{self._name}_step"), rows,
+                                              self._clock, self.decay)
 
     def update_step(self, step_size: int = 1) -> None:
         self._clock += step_size
