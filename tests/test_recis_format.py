@@ -274,6 +274,9 @@ def test_saver_recis_format_refuses_what_the_layout_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="incremental"):
         Saver(path=str(tmp_path / "y"), hashtables={"ab": make_table()},
               format="recis").save(incremental=True, base="z")
+    with pytest.raises(ValueError, match=r"format='recis' saves only through save\(\)"):
+        Saver(path=str(tmp_path / "s"), hashtables={"ab": make_table()},
+              format="recis").snapshot()
     with pytest.raises(ValueError, match="format must be"):
         Saver(path=str(tmp_path / "z"), format="tf")
     assert not os.path.exists(tmp_path / "x")
