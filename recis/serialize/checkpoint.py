@@ -75,6 +75,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from recis.nn.modules.hashtable import HashTable, Slice, gen_slice, in_slice
+from recis.serialize import recis_format
 from recis.serialize._files import (
     DTYPE_CODES,
     CheckpointError,
@@ -350,6 +351,9 @@ class Saver:
             of the sparse tensors (keys as stored: names escaped, see the module docstring).
             The index lists what was kept, so a strict load reports dropped slots missing;
             a table's ``id`` and ``row`` keys must be kept or dropped with the rest of it.
+        format (str): ``"recis"`` writes RecIS's layout instead (``parallel`` files per
+            shard, see :mod:`recis.serialize.recis_format`), for RecIS to read. Default:
+            ``"native"``, this module's layout.
 
     :meth:`save` writes while the tables wait (their rows go to the file straight from the
     storage blocks, in storage order); :meth:`snapshot` copies the state and returns at once,
@@ -363,7 +367,9 @@ class Saver:
 
     def __init__(self, shard_index: int = 0, shard_num: int = 1, parallel: int = 8,
                  path: str = ".", hashtables: Any = None, tensors: Mapping | None = None,
-                 filter_func: Callable | None = None):
+                 filter_func: Callable | None = None, format: str = "native"):  # noqa: A002
+        if format not in ("native", "recis"):
+            raise ValueError(f"format must be 'native' or 'recis', got {format!r}")
         if not 0 <= shard_index < shard_num:
             raise ValueError(f"shard_index must be in [0, {shard_num}), got {shard_index}")
         self.shard_index, self.shard_num = shard_index, shard_num
@@ -374,6 +380,7 @@ class Saver:
             if not isinstance(t, Tensor):
                 raise TypeError(f"tensors[{name!r}] must be a Tensor, got {type(t).__name__}")
         self.filter_func = filter_func
+        self.format, self.parallel = format, parallel
 
     def save(self, incremental: bool = False, base: str | None = None,
              extra: Mapping | None = None) -> str:
@@ -387,6 +394,13 @@ class Saver:
         from the storage blocks, not copied). Under ``torch.distributed`` the shards meet at
         a barrier and shard 0 publishes.
         """
+        if self.format == "recis":
+            if incremental or base is not None or extra:
+                raise ValueError("format='recis' writes full checkpoints without extra state "
+                                 "(RecIS's layout has no place for incremental, base or extra)")
+            return recis_format.save_recis(self.path, self.tables, self.tensors,
+                                           self.shard_index, self.shard_num, self.parallel,
+                                           self.filter_func)
         in_full = self._start(incremental, base)
         with contextlib.ExitStack() as locks:
             for table in self.tables.values():
@@ -419,6 +433,9 @@ class Saver:
 
     def _start(self, incremental: bool, base: str | None) -> set[str]:
         """Check the arguments; the tables an incremental save writes in full."""
+        if self.format == "recis":
+            raise ValueError("snapshot() writes recis's own layout; format='recis' saves only "
+                             "through save()")
         if incremental and not base:
             raise ValueError("an incremental save needs base= (the previous checkpoint)")
         if base is not None and not is_plain_name(base):
@@ -1011,7 +1028,9 @@ class Loader:
     error; ``strict=False`` loads what matches and returns what did not.
 
     Args:
-        checkpoint_path (str): a checkpoint directory (a delta loads its whole chain).
+        checkpoint_path (str): a checkpoint directory (a delta loads its whole chain), or one
+            in RecIS's layout (``index`` and ``tensorkey.json``: see
+            :mod:`recis.serialize.recis_format`).
         hashtables (dict[str, HashTable]): the tables to fill.
         tensors (dict[str, Tensor]): dense tensors, filled in place.
         parallel (int): accepted for RecIS compatibility.
@@ -1031,6 +1050,9 @@ class Loader:
 
     def load(self) -> dict[str, list[str]]:
         """Load; returns ``{"missing": [...], "unexpected": [...]}`` (empty when strict)."""
+        if recis_format.is_recis_layout(self.path):
+            return recis_format.load_recis(self.path, self.tables, self.tensors,
+                                           self.filter_func, self.strict)
         paths = chain(self.path)
         indexes = [read_index(p) for p in paths]
         last = indexes[-1]
@@ -1330,8 +1352,12 @@ class CheckpointReader:
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
-        self.index = read_index(self.path)
         self._cache: dict[str, Tensor] | None = None
+        if recis_format.is_recis_layout(self.path):  # RecIS's layout: no index.json, no extra
+            self.index: dict = {}
+            self._cache = recis_format.read_recis_tensors(self.path)
+            return
+        self.index = read_index(self.path)
 
     def _all(self) -> dict[str, Tensor]:
         if self._cache is None:
