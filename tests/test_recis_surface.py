@@ -154,3 +154,7 @@ def test_a_saver_publishes_into_an_existing_empty_directory(tmp_path):
     for k in (1, 0):
         Saver(shard_index=k, shard_num=2, path=str(sharded), hashtables={"t": source}).save()
     assert (sharded / "index.json").is_file()
+    recis_layout = tmp_path / "recis_layout"
+    recis_layout.mkdir()
+    Saver(path=str(recis_layout), hashtables={"t": source}, format="recis").save()
+    assert (recis_layout / "index").is_file() and (recis_layout / "tensorkey.json").is_file()

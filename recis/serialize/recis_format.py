@@ -507,13 +507,14 @@ def save_recis(path: str, tables: Mapping[str, HashTable], tensors: Mapping[str,
 
         save_recis("ckpt", {"user": table}, {"w": w}, shard_index=0, shard_num=2)
     """
-    from recis.serialize.checkpoint import _children, _staging
+    from recis.serialize.checkpoint import _children, _empty_dir, _staging
 
     if not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"parallel must be a positive int, got {parallel!r}")
     path = os.path.abspath(path)
-    if os.path.exists(path):
-        raise CheckpointError(f"{path} already exists; checkpoints are never overwritten")
+    if os.path.lexists(path) and not _empty_dir(path):
+        raise CheckpointError(f"{path} already exists and is not an empty directory; "
+                              "checkpoints are never overwritten")
     _children(tables)  # distinct child names
     blocks: dict[str, Tensor] = {}
     names: dict[str, str] = {}
