@@ -198,6 +198,15 @@ def test_the_main_job_on_files_under_torchrun_matches_one_process(tmp_path):
     assert abs(two["eval_auc"] - one["eval_auc"]) < 1e-5
 
 
+def _owner_of(world: int):
+    """The rank that owns an ID among ``world`` shards (the 65536-slice rule)."""
+    from recis.nn.modules.hashtable import gen_slice, slice_index
+
+    ends = torch.tensor([gen_slice(k, world, 65536).slice_end for k in range(world)])
+    return lambda i: int(torch.bucketize(slice_index(torch.tensor([i]), 65536), ends,
+                                         right=True))
+
+
 def test_each_rank_keeps_its_engine_budget_over_its_own_shards(tmp_path):
     """EmbeddingEngine(memory_budget=...) on 2 processes: each rank removes, from its shards of
     both tables, what one LFU order over its own rows removes (reference below)."""
@@ -205,16 +214,11 @@ def test_each_rank_keeps_its_engine_budget_over_its_own_shards(tmp_path):
 
     from dist_scenarios import lru_batch
 
-    from recis.nn.modules.hashtable import gen_slice, slice_index
-
     steps, budget, every, world = 15, 9000, 3, 2
     failed = run_ranks("sharded_engine_budget", world, (str(tmp_path), steps, budget, every),
                        str(tmp_path))
     assert not failed, failed
-    ends = torch.tensor([gen_slice(k, world, 65536).slice_end for k in range(world)])
-
-    def owner(i: int) -> int:
-        return int(torch.bucketize(slice_index(torch.tensor([i]), 65536), ends, right=True))
+    owner = _owner_of(world)
 
     removed_any = False
     for rank in range(world):
@@ -250,16 +254,11 @@ def test_each_rank_enforces_lru_on_its_own_shard(tmp_path):
 
     from dist_scenarios import lru_batch
 
-    from recis.nn.modules.hashtable import gen_slice, slice_index
-
     steps, max_rows, every, world = 14, 12, 3, 2
     failed = run_ranks("sharded_lru", world, (str(tmp_path), steps, max_rows, every),
                        str(tmp_path))
     assert not failed, failed
-    ends = torch.tensor([gen_slice(k, world, 65536).slice_end for k in range(world)])
-
-    def owner(i: int) -> int:
-        return int(torch.bucketize(slice_index(torch.tensor([i]), 65536), ends, right=True))
+    owner = _owner_of(world)
 
     for rank in range(world):  # the owner sees one lookup per step: every rank's IDs it owns
         stamp: dict[int, int] = {}
