@@ -162,14 +162,17 @@ def _segment_kernels(backend: str, device: torch.device, where: str) -> Backend:
     return get_backend("torch") if backend == "torch" else backend_for(device)
 
 
-def _check_index(index: Tensor, arg: str, where: str, bound: int, bound_name: str) -> None:
-    """Raise unless ``index`` is a 1-D int32/int64 tensor with values in ``[0, bound)``."""
+def _check_index(index: Tensor, arg: str, where: str, bound: int | None = None,
+                 bound_name: str = "") -> None:
+    """Raise unless ``index`` is a 1-D int32/int64 tensor (with values in ``[0, bound)`` when
+    ``bound`` is given)."""
     if not isinstance(index, Tensor):
         raise TypeError(f"{where}: {arg} must be a Tensor, got {type(index).__name__}")
     if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{where}: {arg} must be a 1-D int32 or int64 tensor, got shape "
                          f"{tuple(index.shape)} {index.dtype}")
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= bound):
+    if bound is not None and index.numel() and (
+            int(index.min()) < 0 or int(index.max()) >= bound):
         raise IndexError(f"{where}: {arg} must be in [0, {bound_name}={bound}), got values in "
                          f"[{int(index.min())}, {int(index.max())}]")
 

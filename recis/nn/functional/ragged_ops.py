@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from recis._core.backends import backend_for, check_offsets
+from recis.nn.functional.embedding_ops import _check_index
 from recis.ragged.tensor import RaggedTensor
 
 __all__ = ["ragged_tile", "dense_to_ragged", "ragged_to_dense", "ragged_to_sparse",
@@ -40,14 +41,6 @@ def _ragged_arange(starts: Tensor, counts: Tensor) -> Tensor:
     first = torch.cumsum(counts, 0) - counts  # where each run starts in the output
     shift = torch.repeat_interleave(starts.long() - first, counts, output_size=total)
     return torch.arange(total, device=counts.device) + shift
-
-
-def _check_index_tensor(t: Tensor, arg: str, where: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{where}: {arg} must be a Tensor, got {type(t).__name__}")
-    if t.dim() != 1 or t.dtype not in INDEX_DTYPES:
-        raise ValueError(f"{where}: {arg} must be a 1-D int32 or int64 tensor, got shape "
-                         f"{tuple(t.shape)} {t.dtype}")
 
 
 def _int_list(values: Sequence[int], arg: str, where: str) -> list[int]:
@@ -143,8 +136,8 @@ def ragged_tile(
     if len(batch) != len(seq):
         raise ValueError(f"{where}: batch and seq must have one entry per tensor, got "
                          f"{len(batch)} and {len(seq)}")
-    _check_index_tensor(indices, "indices", where)
-    _check_index_tensor(offset, "offset", where)
+    _check_index(indices, "indices", where)
+    _check_index(offset, "offset", where)
     if not isinstance(table, Tensor) or table.dim() != 2 or not table.dtype.is_floating_point:
         raise ValueError(f"{where}: table must be a 2-D floating tensor (rows, dim), got "
                          f"{getattr(table, 'shape', type(table).__name__)}")
@@ -239,7 +232,7 @@ def _as_offsets_list(offsets: Tensor | Sequence[Tensor], arg: str, where: str) -
     if not offsets:
         raise ValueError(f"{where}: {arg} must hold at least one offsets tensor")
     for level, offs in enumerate(offsets):
-        _check_index_tensor(offs, f"{arg}[{level}]", where)
+        _check_index(offs, f"{arg}[{level}]", where)
     return offsets
 
 
@@ -324,7 +317,7 @@ def _cutoff_settings(num: int, keep_lengths: Tensor, drop_sides: Tensor | None,
 
 def _check_ragged_level(offsets: Tensor, num_items: int, arg: str, where: str) -> Tensor:
     """``offsets`` as int64 after checking it is a level over ``num_items`` items."""
-    _check_index_tensor(offsets, arg, where)
+    _check_index(offsets, arg, where)
     if offsets.numel() == 0:
         raise ValueError(f"{where}: {arg} must have at least 1 entry")
     offsets64 = offsets.long()
