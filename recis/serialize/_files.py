@@ -19,6 +19,7 @@ past the end of a truncated file kills the process (SIGBUS).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import math
@@ -27,6 +28,7 @@ import os
 import re
 import stat
 import struct
+import sys
 import zlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -174,6 +176,39 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B") if t.numel() else memoryview(b"")
 
 
+def _libc_sync_file_range():
+    """Linux's ``sync_file_range`` (not in :mod:`os`), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+_WRITEBACK_EVERY = 1 << 25
+
+
+def _write_flushing(f, chunks: list) -> None:
+    """Write ``chunks`` to the unbuffered file ``f``, asking the kernel every 32 MiB to start
+    writing what came before to the disk (``sync_file_range``, asynchronous): the disk works
+    while later chunks are written, so the final fsync waits for the last part only."""
+    fd, start, done = f.fileno(), 0, 0
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view.nbytes:
+            n = f.write(view[:_WRITEBACK_EVERY])
+            view, done = view[n:], done + n
+            if _SYNC_FILE_RANGE is not None and done - start >= _WRITEBACK_EVERY:
+                _SYNC_FILE_RANGE(fd, start, done - start, _SYNC_FILE_RANGE_WRITE)
+                start = done
+
+
 def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor | TensorPieces],
                       metadata: Mapping[str, str] | None = None) -> dict:
     """Write ``tensors`` (tensors or :class:`TensorPieces`) as a safetensors file (fsynced);
@@ -206,24 +241,112 @@ def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor | TensorPiec
     def checksum() -> int:
         crc = 0
         for chunk in chunks:
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
         return crc
 
     tmp = f"{path}.tmp-{os.getpid()}"
     # zlib and file writes release the GIL: the checksum runs beside the writes
     with ThreadPoolExecutor(1) as pool:
         crc = pool.submit(checksum)
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
+        with open(tmp, "wb", buffering=0) as f:
+            _write_flushing(f, chunks)
             os.fsync(f.fileno())
         crc = crc.result()
     os.replace(tmp, path)
     return {"crc32": crc, "bytes": 8 + len(blob) + offset, "tensors": listing}
 
 
-_CRC_CHUNK = 1 << 24
+# CRC-32 (zlib's polynomial, reflected) of pieces computed in threads and combined: crc(a + b)
+# from crc(a), crc(b) and len(b) by arithmetic on polynomials mod P over GF(2) (zlib's
+# crc32_combine, which Python's zlib module does not expose).
+_CRC_POLY = 0xEDB88320
+_CRC_PIECE_MIN = 1 << 24  # a thread's piece: no smaller than this (threads cost ~50 us)
+
+
+def _crc_multmodp(a: int, b: int) -> int:
+    """a(x) * b(x) mod P(x), polynomials as reflected 32-bit integers (x^0 is bit 31)."""
+    product, m = 0, 1 << 31
+    while a:
+        if a & m:
+            product ^= b
+            a ^= m
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+    return product
+
+
+def _crc_x2n_table() -> list[int]:
+    table, p = [], 1 << 30  # x^1
+    for _ in range(32):
+        table.append(p)  # x^(2^k) mod P
+        p = _crc_multmodp(p, p)
+    return table
+
+
+_CRC_X2N = _crc_x2n_table()
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of ``a + b`` from ``crc1 = crc32(a)``, ``crc2 = crc32(b)`` and ``len(b)``.
+
+    >>> crc32_combine(zlib.crc32(b"ab"), zlib.crc32(b"cd"), 2) == zlib.crc32(b"abcd")
+    True
+    """
+    if len2 < 0:
+        raise ValueError(f"len2 must be >= 0, got {len2}")
+    shift, k = 1 << 31, 3  # x^(8 * len2) mod P, from the x^(2^k) table
+    while len2:
+        if len2 & 1:
+            shift = _crc_multmodp(_CRC_X2N[k & 31], shift)
+        len2 >>= 1
+        k += 1
+    return _crc_multmodp(shift, crc1) ^ crc2
+
+
+def _pclmul_kernel():
+    """The folding CRC-32 kernel where the CPU has carry-less multiplication, else None."""
+    try:
+        from llvmlite import binding
+
+        if not binding.get_host_cpu_features().get("pclmul"):
+            return None
+        from recis._core.backends.numba_kernels import crc32_pclmul
+    except Exception:  # no numba, another architecture: zlib does it all
+        return None
+    return crc32_pclmul
+
+
+_PCLMUL = _pclmul_kernel()
+_FOLD_MIN = 1 << 12  # below this, zlib: the kernel's call costs more than it saves
+
+
+def crc32(data: memoryview | bytes, crc: int = 0) -> int:
+    """``zlib.crc32(data, crc)``; on CPUs with carry-less multiplication the bulk is folded by
+    a compiled kernel (about 2.5x zlib's speed), the last bytes by zlib. Releases the GIL."""
+    data = memoryview(data).cast("B")
+    bulk = data.nbytes & ~63 if _PCLMUL is not None and data.nbytes >= _FOLD_MIN else 0
+    if bulk:
+        crc = int(_PCLMUL(np.frombuffer(data[:bulk], np.uint64), crc))
+    return zlib.crc32(data[bulk:], crc) if bulk < data.nbytes else crc
+
+
+def crc32_parallel(data: memoryview, threads: int | None = None) -> int:
+    """:func:`crc32` of ``data``, computed over pieces in up to ``threads`` threads (default:
+    the CPUs this process may use) and combined."""
+    size = data.nbytes
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+    parts = max(1, min(threads, size // _CRC_PIECE_MIN))
+    if parts == 1:
+        return crc32(data)
+    bounds = [size * k // parts & ~63 for k in range(parts)] + [size]
+    with ThreadPoolExecutor(parts) as pool:
+        crcs = list(pool.map(lambda k: crc32(data[bounds[k] : bounds[k + 1]]), range(parts)))
+    crc = crcs[0]
+    for k in range(1, parts):
+        crc = crc32_combine(crc, crcs[k], bounds[k + 1] - bounds[k])
+    return crc
 
 
 def read_safetensors(path: str, expected: Mapping) -> dict[str, torch.Tensor]:
@@ -249,10 +372,7 @@ def read_safetensors(path: str, expected: Mapping) -> dict[str, torch.Tensor]:
     finally:
         os.close(fd)
     view = memoryview(data)
-    crc = 0
-    for start in range(0, size, _CRC_CHUNK):
-        crc = zlib.crc32(view[start : start + _CRC_CHUNK], crc)
-    if crc != expected["crc32"]:
+    if crc32_parallel(view) != expected["crc32"]:
         raise CheckpointError(f"checkpoint file {path} is corrupted (CRC-32 mismatch)")
     header, base = _checked_header(path, view, expected["tensors"])
     out = {}
