@@ -61,7 +61,7 @@ def test_map_kernels_assign_the_same_rows():
         rows2, *state2 = backend.map_lookup_or_insert(table, torch.tensor([7, 8]), None,
                                                       torch.zeros(0, dtype=torch.int64), 0,
                                                       next_row)
-        rebuilt = backend.map_rebuild(table, 128)
+        rebuilt = backend.map_build(table[:, 0], table[:, 1], 128)
         after = backend.map_lookup(rebuilt, torch.cat([uniq, torch.tensor([8])]), None)
         tagged = backend.map_lookup_or_insert(table, torch.tensor([7, 7]),
                                               torch.tensor([1, 2]),
@@ -106,6 +106,74 @@ def test_gather_and_scatter(dtype):
     assert torch.equal(outs[0][1], torch.zeros(3, dtype=dtype))
     torch.testing.assert_close(stores[0], stores[1], equal_nan=True, rtol=0, atol=0)
     assert stores[1][2].tolist() == [7, 7, 7]
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_map_build_in_parts(monkeypatch, parts):
+    """A build split over slot ranges (threads) equals the reference: entries whose probe
+    leaves their range (a full map at 3/4 load has many) are inserted after the parts,
+    wrapping around the end; tags and rows are kept; entries with a negative value are left
+    out; the same inputs give the same layout."""
+    from recis._core.backends import numba_backend
+    from recis._core.backends.base import TAG_SHIFT
+
+    monkeypatch.setattr(numba_backend, "_BUILD_PARALLEL_MIN", 0)
+    monkeypatch.setattr(numba_backend, "_threads", lambda: parts)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.unique(torch.randint(-(2**62), 2**62, (200,), generator=gen))[:192]
+    ids = torch.cat([ids, EDGE_IDS.unique()])
+    tags = torch.randint(0, 3, (ids.numel(),), generator=gen)
+    packed = torch.arange(ids.numel()) | (tags << TAG_SHIFT)
+    packed[::17] = -1  # not live: left out
+    built = NUMBA.map_build(ids, packed, 256)
+    reference = TORCH.map_build(ids, packed, 256)
+    for table in (built, reference):
+        rows = NUMBA.map_lookup(table, ids, tags)
+        expected = torch.where(packed >= 0, torch.arange(ids.numel()), -1)
+        assert torch.equal(rows, expected)
+    assert torch.equal(NUMBA.map_items(built, ids.numel())[0],
+                       TORCH.map_items(reference, ids.numel())[0])
+    assert torch.equal(built, NUMBA.map_build(ids, packed, 256))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
+def test_scatter_of_row_runs(dtype):
+    """Runs of consecutive rows (a checkpoint's storage order) are copied as spans: runs that
+    cross a block boundary, runs broken by -1, a row written twice (the later write wins),
+    descending and ascending rows mixed."""
+    rows = torch.cat([torch.arange(3, 40), torch.tensor([-1, 40, 41, 5, 6, 6, 63, 62, 61]),
+                      torch.arange(44, 60), torch.tensor([-1])])
+    gen = torch.Generator().manual_seed(2)
+    values = (torch.randn(rows.numel(), 3, generator=gen) * 100).to(dtype)
+    stores = []
+    for backend in (NUMBA, TORCH):
+        blocks = blocks_of(torch.zeros(64, 3, dtype=dtype), 16)
+        backend.scatter(blocks, rows, values)
+        stores.append(as_dense(blocks))
+    assert torch.equal(stores[0], stores[1])
+    expected = torch.zeros(64, 3, dtype=dtype)
+    for i, r in enumerate(rows.tolist()):  # plain loop: in order, later writes win
+        if r >= 0:
+            expected[r] = values[i]
+    assert torch.equal(stores[0], expected)
+
+
+@pytest.mark.parametrize("rows", [
+    torch.cat([torch.arange(0, 30), torch.arange(33, 64)]),  # ascending: split over threads
+    torch.tensor([3, 4, 5, 4, 9, 10, 11, 12, 3]),  # repeats: one thread, later writes win
+])
+def test_scatter_in_threads(monkeypatch, rows):
+    from recis._core.backends import numba_backend
+
+    monkeypatch.setattr(numba_backend, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(numba_backend, "_threads", lambda: 3)
+    values = torch.randn(rows.numel(), 5, generator=torch.Generator().manual_seed(4))
+    stores = []
+    for backend in (NUMBA, TORCH):
+        blocks = blocks_of(torch.zeros(64, 5), 16)
+        backend.scatter(blocks, rows, values)
+        stores.append(as_dense(blocks))
+    assert torch.equal(stores[0], stores[1])
 
 
 def _bags(gen, num_bags, max_len, num_unique):

@@ -80,7 +80,7 @@ class IdMap:
         cap = self.capacity
         while self._size + extra > self.MAX_LOAD * 0.75 * cap:
             cap *= 2
-        self._table = self.backend.map_rebuild(self._table, cap)
+        self._table = self.backend.map_build(self._table[:, 0], self._table[:, 1], cap)
         self._used = self._size
 
     def lookup(self, ids: Tensor, tags: Tensor | None = None) -> Tensor:
@@ -182,14 +182,19 @@ class IdMap:
 
     def restore(self, ids: Tensor, tags: Tensor, rows: Tensor, next_row: int,
                 free: Tensor) -> None:
-        """Replace the contents with these ``(id, tag) -> row`` entries and allocator state."""
+        """Replace the contents with these ``(id, tag) -> row`` entries and allocator state.
+
+        The capacity is the smallest that holds the entries within :attr:`MAX_LOAD` (as
+        dense as a map that grew to this size may be): memory, not room to grow, is what a
+        loaded table needs first; the next inserts grow it as usual."""
         stats = (self.inserted_total, self.deleted_total)
-        self.__init__(self.device, int(ids.numel() / (self.MAX_LOAD * 0.75)) + 1, self.backend)
+        self.__init__(self.device, backend=self.backend)
         self.inserted_total, self.deleted_total = stats
-        staged = self.backend.map_new(self.capacity, self.device)
-        staged[: ids.numel(), 0] = ids
-        staged[: ids.numel(), 1] = rows | (tags << TAG_SHIFT)
-        self._table = self.backend.map_rebuild(staged, self.capacity)
+        capacity = self.MIN_CAPACITY
+        while ids.numel() > self.MAX_LOAD * capacity:
+            capacity *= 2
+        packed = rows | (tags << TAG_SHIFT) if bool(tags.any()) else rows
+        self._table = self.backend.map_build(ids, packed, capacity)
         self._size = self._used = ids.numel()
         self._next_row = int(next_row)
         self._free = torch.sort(free.to(torch.int64), descending=True).values
@@ -198,7 +203,8 @@ class IdMap:
     def to(self, device: torch.device | str, backend: Backend | None = None) -> IdMap:
         """A copy of this map on ``device`` (slot positions rebuilt for that backend)."""
         other = IdMap(device, self.capacity, backend)
-        other._table = other.backend.map_rebuild(self._table.to(device), self.capacity)
+        table = self._table.to(device)
+        other._table = other.backend.map_build(table[:, 0], table[:, 1], self.capacity)
         other._size = other._used = self._size
         other._free = self._free[: self._n_free].to(device)
         other._n_free = self._n_free

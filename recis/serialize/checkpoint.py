@@ -1171,19 +1171,21 @@ class _RowReplay:
         grow(self.capacity)
         extra = self.capacity - self.owned.numel()
         if extra > 0:
-            self.owned = torch.cat([self.owned, self.owned.new_zeros(extra)])
-            self.owner_id = torch.cat([self.owner_id, self.owner_id.new_zeros(extra)])
-            self.owner_tag = torch.cat([self.owner_tag, self.owner_tag.new_zeros(extra)])
+            self.owned, self.owner_id, self.owner_tag = (
+                torch.cat([t, t.new_zeros(extra)]) if t.numel() else t.new_zeros(extra)
+                for t in (self.owned, self.owner_id, self.owner_tag))
         groups = [(content.get(self.phys + ".unused", {}), None)]
         groups += [(content.get(_esc(c), {}), i) for i, c in enumerate(self.children)]
         for fields, idx in groups:
             if "row" not in fields:
                 continue
             rows = _cat(fields, "row").to(self.device)
-            self.owned[rows] = idx is not None
+            # index_fill_/index_copy_: a third of the time of ``t[rows] = v`` on 10M rows,
+            # and a negative row is an error instead of counting from the end
+            self.owned.index_fill_(0, rows, idx is not None)
             if idx is not None:
-                self.owner_id[rows] = _cat(fields, "id").to(self.device)
-                self.owner_tag[rows] = idx
+                self.owner_id.index_copy_(0, rows, _cat(fields, "id").to(self.device))
+                self.owner_tag.index_fill_(0, rows, idx)
             for name in fields:
                 if name not in ("row", "id", "deleted_id"):
                     write(name, rows, _cat(fields, name).to(self.device))
@@ -1226,12 +1228,17 @@ def _restore_exact(table: HashTable, contents: list[dict]) -> None:
 
         for content in contents:
             replay.apply(content, write, lambda _: None)
-        rows = replay.live()
-        rows = rows[rows < capacity]
+        rows = replay.live()  # ascending
+        if rows.numel() and int(rows[-1]) >= capacity:
+            rows = rows[rows < capacity]
+        if rows.numel() and int(rows[-1]) == rows.numel() - 1:  # rows 0..n-1: slices
+            ids, tags = replay.owner_id[: rows.numel()], replay.owner_tag[: rows.numel()]
+        else:
+            ids, tags = replay.owner_id[rows], replay.owner_tag[rows]
         # the ID map is built (a kernel that releases the GIL) while the slots are filled
         with ThreadPoolExecutor(1) as pool:
-            keys = pool.submit(restore.set_keys, replay.owner_id[rows], replay.owner_tag[rows],
-                               rows, int(replay.layout["next_row"][0]), replay.layout["free"])
+            keys = pool.submit(restore.set_keys, ids, tags, rows,
+                               int(replay.layout["next_row"][0]), replay.layout["free"])
             for slot, slot_rows, values in writes:
                 restore.write(slot, slot_rows, values)
             keys.result()

@@ -165,8 +165,10 @@ class Backend:
         """Remove keys; the freed row of each, -1 where absent (and for repeats of a key)."""
         raise NotImplementedError
 
-    def map_rebuild(self, table: Tensor, capacity: int) -> Tensor:
-        """A new table of ``capacity`` slots holding the live entries of ``table``."""
+    def map_build(self, keys: Tensor, packed: Tensor, capacity: int) -> Tensor:
+        """A new table of ``capacity`` slots holding the entries ``(keys[i], packed[i])``
+        (``packed``: ``row | tag << TAG_SHIFT``) whose ``packed[i] >= 0``; keys unique.
+        Rebuilding a table is ``map_build(table[:, 0], table[:, 1], capacity)``."""
         raise NotImplementedError
 
     def map_items(self, table: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:

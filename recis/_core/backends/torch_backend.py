@@ -182,8 +182,9 @@ def new_table(capacity: int, device: torch.device) -> Tensor:
     return table
 
 
-def map_rebuild(keys: Tensor, vals: Tensor, capacity: int) -> Tensor:
-    """A fresh ``[capacity, 2]`` table holding the live entries (drops tombstones)."""
+def map_build(keys: Tensor, vals: Tensor, capacity: int) -> Tensor:
+    """A fresh ``[capacity, 2]`` table holding the entries whose value is >= 0 (not empty, not
+    a tombstone)."""
     live = vals >= 0
     ids, packed = keys[live], vals[live]
     table = new_table(capacity, keys.device)
@@ -300,8 +301,8 @@ class TorchBackend(Backend):
     def map_delete(self, table, ids, tags):
         return map_delete(table[:, 0], table[:, 1], ids, tags)
 
-    def map_rebuild(self, table, capacity):
-        return map_rebuild(table[:, 0], table[:, 1], capacity)
+    def map_build(self, keys, packed, capacity):
+        return map_build(keys, packed, capacity)
 
     def map_items(self, table, num_rows):
         return map_items(table[:, 0], table[:, 1], num_rows)
