@@ -128,6 +128,52 @@ def test_damaged_checkpoints_are_clear_errors_and_tables_stay_untouched(tmp_path
     assert b.ids().tolist() == [42]
 
 
+@pytest.mark.parametrize("children", [1, 2])
+def test_exact_loads_take_owners_from_the_file_as_the_replay_does(tmp_path, monkeypatch,
+                                                                   children):
+    """A full checkpoint of one child is restored from its ID array directly, without the
+    per-row replay; with free rows (deleted IDs), reused rows and rows without an ID, the
+    table equals the one the replay builds: IDs, rows, slots, allocator, next inserts. Two
+    children take the replay."""
+    from recis.serialize import checkpoint
+
+    kids = ["a", "b"][:children]
+
+    def build(seed):
+        return HashTable([DIM], block_size=8, name="t", coalesced=True, children=kids,
+                         initializer=NormalInitializer(
+                             generator=torch.Generator().manual_seed(seed)))
+
+    a = build(0)
+    for i, kid in enumerate(kids):
+        a.insert(torch.arange(40) + 1000 * i, torch.randn(40, DIM), child=kid)
+    a.delete(torch.arange(0, 40, 3), child="a")
+    a.insert(torch.arange(50, 55), torch.randn(5, DIM), child="a")  # reuses freed rows
+    a.delete(torch.arange(1, 40, 7), child="a")
+    Saver(path=str(tmp_path / "c"), hashtables={"t": a}).save()
+    calls = []
+    sole_owner = checkpoint._sole_owner
+    monkeypatch.setattr(checkpoint, "_sole_owner",
+                        lambda *args: calls.append(sole_owner(*args)) or calls[-1])
+    direct = build(5)
+    Loader(str(tmp_path / "c"), {"t": direct}).load()
+    assert (calls[0] is not None) == (children == 1)
+    monkeypatch.setattr(checkpoint, "_sole_owner", lambda *args: None)
+    replayed = build(5)
+    Loader(str(tmp_path / "c"), {"t": replayed}).load()
+    for b in (direct, replayed):
+        same_table(a, b)
+        for kid in kids:
+            assert torch.equal(a.ids(kid), b.ids(kid))
+            assert torch.equal(a.embeddings(kid), b.embeddings(kid))
+        for field in ("next_row", "free", "capacity"):
+            assert torch.equal(b.store.layout()[field], a.store.layout()[field]), field
+    new_ids = torch.arange(200, 240)
+    for b in (direct, replayed):  # new IDs: same rows (freed ones first), same values
+        b.insert(new_ids, torch.ones(40, DIM), child="a")
+    same_table(direct, replayed)
+
+
 def test_saves_never_overwrite(tmp_path):
     a = make_table()
     Saver(path=str(tmp_path / "c"), hashtables={"t": a}).save()

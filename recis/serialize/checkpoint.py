@@ -1165,11 +1165,13 @@ class _RowReplay:
         return int(self.layout["capacity"][0])
 
     def apply(self, content: dict, write: Callable[[str, Tensor, Tensor], None],
-              grow: Callable[[int], None]) -> None:
+              grow: Callable[[int], None], owners: bool = True) -> None:
+        """Replay one checkpoint of the chain; ``owners=False`` hands out the slot values
+        and the layout only (the caller finds the owners another way)."""
         self.layout = {f: _cat(content[self.phys + ".layout"], f)
                        for f in content[self.phys + ".layout"]}
         grow(self.capacity)
-        extra = self.capacity - self.owned.numel()
+        extra = self.capacity - self.owned.numel() if owners else 0
         if extra > 0:
             self.owned, self.owner_id, self.owner_tag = (
                 torch.cat([t, t.new_zeros(extra)]) if t.numel() else t.new_zeros(extra)
@@ -1182,8 +1184,9 @@ class _RowReplay:
             rows = _cat(fields, "row").to(self.device)
             # index_fill_/index_copy_: a third of the time of ``t[rows] = v`` on 10M rows,
             # and a negative row is an error instead of counting from the end
-            self.owned.index_fill_(0, rows, idx is not None)
-            if idx is not None:
+            if owners:
+                self.owned.index_fill_(0, rows, idx is not None)
+            if owners and idx is not None:
                 self.owner_id.index_copy_(0, rows, _cat(fields, "id").to(self.device))
                 self.owner_tag.index_fill_(0, rows, idx)
             for name in fields:
@@ -1192,9 +1195,10 @@ class _RowReplay:
         # rows the allocator holds as free, or never handed out, belong to no ID (their
         # removal may predate this record: a delta lists only rows written since its base)
         free = self.layout.get("free")
-        if free is not None and free.numel():
+        if owners and free is not None and free.numel():
             self.owned[free.to(self.device)] = False
-        self.owned[int(self.layout["next_row"][0]):] = False
+        if owners:
+            self.owned[int(self.layout["next_row"][0]):] = False
         if self.phys + ".rng" in content:
             self.rng = _cat(content[self.phys + ".rng"], "state")
 
@@ -1202,6 +1206,40 @@ class _RowReplay:
         """Rows owned by an ID (of one child, or any), ascending."""
         mask = self.owned if child is None else self.owned & (self.owner_tag == child)
         return mask.nonzero().squeeze(1)
+
+
+def _sole_owner(replay: _RowReplay, contents: list[dict]
+                ) -> Callable[[dict], tuple[Tensor, Tensor, Tensor]] | None:
+    """For a chain of one checkpoint whose rows belong to one child and ascend (a full save
+    is written in storage order), ``f(layout) -> (ids, tags, rows)`` of its live entries,
+    read from the file's arrays: the replay's per-row owner arrays (three arrays the size of
+    the table, filled and searched) are not needed. None where the general replay is."""
+    if len(contents) != 1:
+        return None
+    groups = [(i, contents[0][_esc(c)]) for i, c in enumerate(replay.children)
+              if _esc(c) in contents[0] and "row" in contents[0][_esc(c)]]
+    if len(groups) != 1:
+        return None
+    tag, fields = groups[0]
+    rows, ids = _cat(fields, "row").to(replay.device), _cat(fields, "id").to(replay.device)
+    if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        return None  # repeated or unordered rows: the replay decides who owns them
+
+    def live(layout: dict) -> tuple[Tensor, Tensor, Tensor]:
+        # rows below the allocator's high-water mark and not free (the replay's rule; rows
+        # without an ID never shadow a child's row, as children are replayed after them)
+        keep = rows < int(layout["next_row"][0])
+        free = layout.get("free")
+        if free is not None and free.numel():
+            keep &= ~torch.isin(rows, free.to(replay.device))
+        if bool(keep.all()):
+            live_rows, live_ids = rows, ids
+        else:
+            live_rows, live_ids = rows[keep], ids[keep]
+        return live_ids, torch.full((1,), tag, dtype=torch.int64,
+                                    device=replay.device).expand(live_rows.numel()), live_rows
+
+    return live
 
 
 def _restore_exact(table: HashTable, contents: list[dict]) -> None:
@@ -1226,15 +1264,17 @@ def _restore_exact(table: HashTable, contents: list[dict]) -> None:
                 rows, values = rows[keep], values[keep]
             writes.append((slot, rows, values))
 
+        owners = _sole_owner(replay, contents)
         for content in contents:
-            replay.apply(content, write, lambda _: None)
-        rows = replay.live()  # ascending
-        if rows.numel() and int(rows[-1]) >= capacity:
-            rows = rows[rows < capacity]
-        if rows.numel() and int(rows[-1]) == rows.numel() - 1:  # rows 0..n-1: slices
-            ids, tags = replay.owner_id[: rows.numel()], replay.owner_tag[: rows.numel()]
-        else:
+            replay.apply(content, write, lambda _: None, owners=owners is None)
+        if owners is None:
+            rows = replay.live()  # ascending
             ids, tags = replay.owner_id[rows], replay.owner_tag[rows]
+        else:
+            ids, tags, rows = owners(replay.layout)
+        if rows.numel() and int(rows[-1]) >= capacity:
+            keep = rows < capacity
+            ids, tags, rows = ids[keep], tags[keep], rows[keep]
         # the ID map is built (a kernel that releases the GIL) while the slots are filled
         with ThreadPoolExecutor(1) as pool:
             keys = pool.submit(restore.set_keys, ids, tags, rows,

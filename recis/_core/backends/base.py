@@ -83,9 +83,12 @@ def check_rows(rows: Tensor, capacity: int, arg: str = "rows") -> None:
     """Raise unless every row is ``-1`` (meaning "none") or inside ``[0, capacity)``."""
     if rows.dtype != torch.int64:
         raise TypeError(f"{arg} must be int64, got {rows.dtype}")
-    if rows.numel() and (int(rows.min()) < -1 or int(rows.max()) >= capacity):
+    if rows.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(rows))  # one pass
+    if low < -1 or high >= capacity:
         raise IndexError(f"{arg} must be -1 or in [0, {capacity}), got values in "
-                         f"[{int(rows.min())}, {int(rows.max())}]")
+                         f"[{low}, {high}]")
 
 
 def check_offsets(offsets: Tensor, num_items: int, arg: str = "offsets") -> None:

@@ -148,7 +148,11 @@ class NumbaBackend(TorchBackend):
         return torch.from_numpy(table)
 
     def map_items(self, table, num_rows):
-        return tuple(torch.from_numpy(a) for a in nk.map_items(table.numpy(), num_rows))
+        table_np = table.numpy()
+        by_row = np.empty((num_rows, 2), np.int64)
+        present = np.zeros(num_rows, np.uint8)
+        run_ranges(nk.map_items_place, table_np.shape[0], table_np, by_row, present)
+        return tuple(torch.from_numpy(a) for a in nk.map_items_collect(by_row, present))
 
     def split_at_kth(self, values, index, k):
         if values.dtype not in NUMBA_DTYPES:

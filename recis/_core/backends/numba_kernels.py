@@ -262,29 +262,39 @@ def _split(a, lo, hi, pivot, or_equal):
 
 
 @njit(cache=True, nogil=True)
-def map_items(table, num_rows):
-    """``(ids, tags, rows)`` of the live slots, ordered by row: one pass over the map places
-    each entry at its row (rows are unique and below ``num_rows``), one pass over the rows
-    collects them."""
-    id_of_row = np.empty(num_rows, np.int64)
-    packed_of_row = np.full(num_rows, EMPTY, np.int64)
-    count = 0
-    for s in range(table.shape[0]):
+def map_items_place(table, by_row, present, lo, hi):
+    """First half of ``map_items``: each live entry of the slots ``[lo, hi)`` goes to its row
+    (``by_row[r] = (id, packed)``, ``present[r] = 1``). Rows are unique, so parts over
+    disjoint slot ranges run in parallel; the row of an entry a few slots ahead is
+    prefetched (the rows of a hash map's slots are in random order)."""
+    base = by_row.ctypes.data
+    for s in range(lo, hi):
+        if s + _PREFETCH_AHEAD < hi:
+            ahead = table[s + _PREFETCH_AHEAD, 1]
+            if ahead >= 0:
+                _prefetch(base + (ahead & ROW_MASK) * 16)
         v = table[s, 1]
         if v >= 0:
             r = v & ROW_MASK
-            id_of_row[r] = table[s, 0]
-            packed_of_row[r] = v
-            count += 1
+            by_row[r, 0] = table[s, 0]
+            by_row[r, 1] = v
+            present[r] = 1
+
+
+@njit(cache=True, nogil=True)
+def map_items_collect(by_row, present):
+    """Second half of ``map_items``: ``(ids, tags, rows)`` of the present rows, by row."""
+    count = 0
+    for r in range(present.shape[0]):
+        count += present[r]
     ids = np.empty(count, np.int64)
     tags = np.empty(count, np.int64)
     rows = np.empty(count, np.int64)
     j = 0
-    for r in range(num_rows):
-        v = packed_of_row[r]
-        if v >= 0:
-            ids[j] = id_of_row[r]
-            tags[j] = v >> TAG_SHIFT
+    for r in range(present.shape[0]):
+        if present[r]:
+            ids[j] = by_row[r, 0]
+            tags[j] = by_row[r, 1] >> TAG_SHIFT
             rows[j] = r
             j += 1
     return ids, tags, rows
