@@ -15,6 +15,7 @@ import importlib
 import os
 import statistics
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -222,7 +223,9 @@ class Profiler:
     Targets are ``(module, class or None, attribute)``; absent ones are skipped, so the list
     can name functions that only some versions of the code have. A module function is also
     replaced wherever a ``recis`` module imported it by name. Nested wrapped calls are
-    subtracted from their caller (exclusive time).
+    subtracted from their caller (exclusive time); each thread has its own stack, so a call in
+    a worker thread counts whole, in parallel with what the caller does meanwhile (shares of
+    a phase can then add up to more than 100%).
     """
 
     def __init__(self) -> None:
@@ -233,7 +236,14 @@ class Profiler:
         self.phase_wall: dict[str, float] = defaultdict(float)  # filled by the caller
         self.excl: dict[tuple[str, str], float] = defaultdict(float)
         self.calls: dict[tuple[str, str], int] = defaultdict(int)
-        self._stack: list[float] = []
+        self._local = threading.local()
+
+    @property
+    def _stack(self) -> list[float]:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
 
     def _wrap(self, label: str, fn: Callable) -> Callable:
         prof = self
@@ -296,7 +306,7 @@ class Profiler:
             for label, t in items:
                 rows.append([f"  {label}", f"{self.calls[(phase, label)] / steps:g}",
                              f"{t / steps * 1e3:.2f}", f"{t / wall:.0%}" if wall else "-"])
-            rest = wall - sum(t for _, t in items)
+            rest = max(0.0, wall - sum(t for _, t in items))  # threads overlap: may be over
             rows.append(["  unattributed", "", f"{rest / steps * 1e3:.2f}",
                          f"{rest / wall:.0%}" if wall else "-"])
         return rows

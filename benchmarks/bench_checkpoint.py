@@ -101,7 +101,7 @@ PROFILE_TARGETS = [
     ("recis.serialize._files", None, "write_safetensors"),
     ("recis.serialize._files", None, "read_safetensors"),
     ("recis.serialize._files", None, "atomic_write_bytes"),
-    ("zlib", None, "crc32"),
+    ("recis.serialize._files", None, "crc32_parallel"),
     ("os", None, "fsync"),
     ("recis.serialize.checkpoint", None, "_storage_pieces"),
     ("recis.serialize.checkpoint", "Saver", "_capture"),
@@ -110,6 +110,7 @@ PROFILE_TARGETS = [
     ("recis._core.store", "TableStore", "mark_saved"),
     ("recis._core.id_map", "IdMap", "items"),
     ("recis._core.id_map", "IdMap", "restore"),
+    ("recis.serialize.checkpoint", None, "_sole_owner"),
     ("recis._core.slots", "SlotStore", "gather"),
     ("recis._core.slots", "SlotStore", "scatter"),
 ]
