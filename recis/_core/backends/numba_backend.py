@@ -149,10 +149,12 @@ class NumbaBackend(TorchBackend):
 
     def map_items(self, table, num_rows):
         table_np = table.numpy()
-        by_row = np.empty((num_rows, 2), np.int64)
+        id_of_row, tag_of_row = np.empty(num_rows, np.int64), np.empty(num_rows, np.int64)
         present = np.zeros(num_rows, np.uint8)
-        run_ranges(nk.map_items_place, table_np.shape[0], table_np, by_row, present)
-        return tuple(torch.from_numpy(a) for a in nk.map_items_collect(by_row, present))
+        run_ranges(nk.map_items_place, table_np.shape[0], table_np, id_of_row, tag_of_row,
+                   present)
+        return tuple(torch.from_numpy(a)
+                     for a in nk.map_items_collect(id_of_row, tag_of_row, present))
 
     def split_at_kth(self, values, index, k):
         if values.dtype not in NUMBA_DTYPES:

@@ -262,39 +262,44 @@ def _split(a, lo, hi, pivot, or_equal):
 
 
 @njit(cache=True, nogil=True)
-def map_items_place(table, by_row, present, lo, hi):
+def map_items_place(table, id_of_row, tag_of_row, present, lo, hi):
     """First half of ``map_items``: each live entry of the slots ``[lo, hi)`` goes to its row
-    (``by_row[r] = (id, packed)``, ``present[r] = 1``). Rows are unique, so parts over
+    (``id_of_row[r]``, ``tag_of_row[r]``, ``present[r] = 1``). Rows are unique, so parts over
     disjoint slot ranges run in parallel; the row of an entry a few slots ahead is
     prefetched (the rows of a hash map's slots are in random order)."""
-    base = by_row.ctypes.data
+    ids_base, tags_base = id_of_row.ctypes.data, tag_of_row.ctypes.data
     for s in range(lo, hi):
         if s + _PREFETCH_AHEAD < hi:
             ahead = table[s + _PREFETCH_AHEAD, 1]
             if ahead >= 0:
-                _prefetch(base + (ahead & ROW_MASK) * 16)
+                _prefetch(ids_base + (ahead & ROW_MASK) * 8)
+                _prefetch(tags_base + (ahead & ROW_MASK) * 8)
         v = table[s, 1]
         if v >= 0:
             r = v & ROW_MASK
-            by_row[r, 0] = table[s, 0]
-            by_row[r, 1] = v
+            id_of_row[r] = table[s, 0]
+            tag_of_row[r] = v >> TAG_SHIFT
             present[r] = 1
 
 
 @njit(cache=True, nogil=True)
-def map_items_collect(by_row, present):
-    """Second half of ``map_items``: ``(ids, tags, rows)`` of the present rows, by row."""
+def map_items_collect(id_of_row, tag_of_row, present):
+    """Second half of ``map_items``: ``(ids, tags, rows)`` of the present rows, by row; when
+    every row is present (no row freed), the placed arrays themselves."""
+    n = present.shape[0]
     count = 0
-    for r in range(present.shape[0]):
+    for r in range(n):
         count += present[r]
+    if count == n:
+        return id_of_row, tag_of_row, np.arange(n)
     ids = np.empty(count, np.int64)
     tags = np.empty(count, np.int64)
     rows = np.empty(count, np.int64)
     j = 0
-    for r in range(present.shape[0]):
+    for r in range(n):
         if present[r]:
-            ids[j] = by_row[r, 0]
-            tags[j] = by_row[r, 1] >> TAG_SHIFT
+            ids[j] = id_of_row[r]
+            tags[j] = tag_of_row[r]
             rows[j] = r
             j += 1
     return ids, tags, rows
