@@ -1171,8 +1171,8 @@ class _RowReplay:
         self.layout = {f: _cat(content[self.phys + ".layout"], f)
                        for f in content[self.phys + ".layout"]}
         grow(self.capacity)
-        extra = self.capacity - self.owned.numel() if owners else 0
-        if extra > 0:
+        extra = self.capacity - self.owned.numel()
+        if owners and extra > 0:
             self.owned, self.owner_id, self.owner_tag = (
                 torch.cat([t, t.new_zeros(extra)]) if t.numel() else t.new_zeros(extra)
                 for t in (self.owned, self.owner_id, self.owner_tag))
@@ -1182,25 +1182,29 @@ class _RowReplay:
             if "row" not in fields:
                 continue
             rows = _cat(fields, "row").to(self.device)
-            # index_fill_/index_copy_: a third of the time of ``t[rows] = v`` on 10M rows,
-            # and a negative row is an error instead of counting from the end
             if owners:
-                self.owned.index_fill_(0, rows, idx is not None)
-            if owners and idx is not None:
-                self.owner_id.index_copy_(0, rows, _cat(fields, "id").to(self.device))
-                self.owner_tag.index_fill_(0, rows, idx)
+                self._own(rows, idx, fields)
             for name in fields:
                 if name not in ("row", "id", "deleted_id"):
                     write(name, rows, _cat(fields, name).to(self.device))
-        # rows the allocator holds as free, or never handed out, belong to no ID (their
-        # removal may predate this record: a delta lists only rows written since its base)
-        free = self.layout.get("free")
-        if owners and free is not None and free.numel():
-            self.owned[free.to(self.device)] = False
         if owners:
+            # rows the allocator holds as free, or never handed out, belong to no ID (their
+            # removal may predate this record: a delta lists only rows written since its base)
+            free = self.layout.get("free")
+            if free is not None and free.numel():
+                self.owned[free.to(self.device)] = False
             self.owned[int(self.layout["next_row"][0]):] = False
         if self.phys + ".rng" in content:
             self.rng = _cat(content[self.phys + ".rng"], "state")
+
+    def _own(self, rows: Tensor, idx: int | None, fields: dict) -> None:
+        """Rows written by child ``idx`` (None: rows without an ID) now belong to it.
+        index_fill_/index_copy_: a third of the time of ``t[rows] = v`` on 10M rows, and a
+        negative row is an error instead of counting from the end."""
+        self.owned.index_fill_(0, rows, idx is not None)
+        if idx is not None:
+            self.owner_id.index_copy_(0, rows, _cat(fields, "id").to(self.device))
+            self.owner_tag.index_fill_(0, rows, idx)
 
     def live(self, child: int | None = None) -> Tensor:
         """Rows owned by an ID (of one child, or any), ascending."""

@@ -423,10 +423,9 @@ def scatter_range(block_ptrs, block_size, rows, values, lo, hi):
     width = values.shape[1]
     row_bytes = width * values.itemsize
     if values.shape[0] == 1 and rows.shape[0] != 1:
-        for i in range(lo, hi):
-            r = rows[i]
-            if r >= 0:
-                address = block_ptrs[r // block_size] + (r % block_size) * row_bytes
+        addresses = _row_addresses(block_ptrs, block_size, rows[lo:hi], row_bytes)
+        for address in addresses:
+            if address != 0:
                 dst = carray(_as_pointer(address), (width,), values.dtype)
                 for j in range(width):
                     dst[j] = values[0, j]
