@@ -694,8 +694,7 @@ class _Restore:
         if name not in self._unset:
             raise KeyError(f"no slot {name!r}; slots: {list(self._unset)}")
         rows = rows.to(self._store.device)
-        check_rows(rows, self.capacity)
-        self._store._slots.scatter(name, rows, values.to(self._store.device))
+        self._store._slots.scatter(name, rows, values.to(self._store.device))  # checks rows
         if rows.numel():
             # a boolean mask costs 8x an index fill on 10M rows: mask only when -1 is there
             self._unset[name].index_fill_(0, rows if int(rows.min()) >= 0 else rows[rows >= 0],

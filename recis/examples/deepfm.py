@@ -515,6 +515,15 @@ def error_line(err: BaseException) -> str:
     return message
 
 
+def report_user_error(prog: str, err: BaseException) -> int:
+    """Print a user error in one line on stderr and return the exit status 2; re-raise it
+    (with its traceback) when ``RECIS_TRACEBACK`` is set. Call inside ``except``."""
+    if os.environ.get("RECIS_TRACEBACK"):
+        raise err
+    print(f"{prog}: error: {error_line(err)}", file=sys.stderr, flush=True)
+    return 2
+
+
 def run(argv: list[str] | None = None) -> int:
     """The command line: :func:`main`, with every user error reported in one line on stderr
     (exit 2; set ``RECIS_TRACEBACK=1`` for the traceback) and Ctrl-C stopping at the next
@@ -539,10 +548,7 @@ def run(argv: list[str] | None = None) -> int:
                   "nothing saved", file=sys.stderr, flush=True)
         return 130
     except _USER_ERRORS as err:
-        if os.environ.get("RECIS_TRACEBACK"):
-            raise
-        print(f"{prog}: error: {error_line(err)}", file=sys.stderr, flush=True)
-        return 2
+        return report_user_error(prog, err)
     finally:
         import torch.distributed as dist
 

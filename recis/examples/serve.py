@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from recis.examples.deepfm import _USER_ERRORS, _files, _OneLineParser, error_line
+from recis.examples.deepfm import _USER_ERRORS, _files, _OneLineParser, report_user_error
 from recis.export import exported_program, load, read_manifest, serving_inputs
 
 PROG = "python -m recis.examples.serve"
@@ -132,10 +131,7 @@ def run(argv: list[str] | None = None) -> int:
         main(argv)
         return 0
     except _USER_ERRORS as err:
-        if os.environ.get("RECIS_TRACEBACK"):
-            raise
-        print(f"{PROG}: error: {error_line(err)}", file=sys.stderr, flush=True)
-        return 2
+        return report_user_error(PROG, err)
 
 
 if __name__ == "__main__":
