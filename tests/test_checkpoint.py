@@ -174,6 +174,59 @@ def test_exact_loads_take_owners_from_the_file_as_the_replay_does(tmp_path, monk
     same_table(direct, replayed)
 
 
+def _stored_keys(path):
+    with safe_open(os.path.join(path, "sparse-00000-of-00001.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def _file_entry(path):
+    with open(os.path.join(path, "index.json")) as f:
+        return json.load(f)["files"]["sparse-00000-of-00001.safetensors"]
+
+
+def test_rows_0_to_n_are_implied_not_stored_and_load_exactly(tmp_path):
+    """A full save of a table whose rows are 0..n-1 (no row freed, or every freed row
+    reused) stores no ``row`` array: the file lists the table in ``dense_rows``. The load is
+    exact (same rows, allocator, next inserts) and readers see the rows 0..n-1. A table with
+    free rows, a table of two children and a delta store their rows."""
+    a = make_table()
+    a(torch.arange(40))
+    a.set_slot_values("m", a.ids_map()[1], torch.rand(40, DIM))
+    for name, dense in (("full", True), ("holes", False), ("reused", True)):
+        if name == "holes":
+            a.delete(torch.tensor([3, 17, 39]))
+        if name == "reused":
+            a(torch.tensor([100, 101, 102]))  # takes the freed rows back: 0..39 again
+        path = str(tmp_path / name)
+        Saver(path=path, hashtables={"t": a}).save()
+        assert ("t.row/part_0_1" not in _stored_keys(path)) == dense, name
+        assert _file_entry(path).get("dense_rows") == (["t"] if dense else None), name
+        b = make_table(seed=5)
+        b(torch.tensor([999]))
+        Loader(path, {"t": b}).load()
+        same_table(a, b)
+        for field in ("next_row", "free", "capacity"):
+            assert torch.equal(b.store.layout()[field], a.store.layout()[field]), (name, field)
+        rows = CheckpointReader(path).read_tensor("t@row")
+        assert torch.equal(rows, a.ids_map()[1]), name
+        assert torch.equal(b(torch.arange(200, 230)), a(torch.arange(200, 230))), name
+    shared = HashTable([DIM], block_size=8, name="s", coalesced=True, children=["x", "y"])
+    shared.insert(torch.arange(10), torch.randn(10, DIM), child="x")
+    shared.insert(torch.arange(5), torch.randn(5, DIM), child="y")
+    Saver(path=str(tmp_path / "shared"), hashtables={"s": shared}).save()
+    assert {"x.row/part_0_1", "y.row/part_0_1"} <= _stored_keys(str(tmp_path / "shared"))
+    c = make_table()
+    c(torch.arange(20))
+    Saver(path=str(tmp_path / "base"), hashtables={"t": c}).save()
+    c(torch.arange(20, 30))
+    Saver(path=str(tmp_path / "delta"), hashtables={"t": c}).save(incremental=True,
+                                                                   base="base")
+    assert "t.row/part_0_1" in _stored_keys(str(tmp_path / "delta"))
+    d = make_table(seed=3)
+    Loader(str(tmp_path / "delta"), {"t": d}).load()
+    same_table(c, d)
+
+
 def test_saves_never_overwrite(tmp_path):
     a = make_table()
     Saver(path=str(tmp_path / "c"), hashtables={"t": a}).save()

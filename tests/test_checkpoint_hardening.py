@@ -367,6 +367,46 @@ def test_index_checksum_mismatch_is_detected(tmp_path):
         Loader(path, {"t": make_table()}).load()
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda e: e.update(dense_rows="t"), "dense_rows.*a list of table names"),
+    (lambda e: e.update(dense_rows=["nope"]), "dense_rows.*'nope' has \\[\\]"),
+    (lambda e: e.pop("dense_rows"), "fields"),  # 'row' is listed for t but not stored
+])
+def test_a_forged_dense_rows_entry_is_a_clear_error(tmp_path, edit, match):
+    """``dense_rows`` (format 3: tables whose rows 0..n-1 are implied) is checked against the
+    file's listing like every other field of the index."""
+    path = str(tmp_path / "c")
+    table = make_table()
+    table(torch.arange(30))
+    Saver(path=path, hashtables={"t": table}).save()
+    edit_index(path, lambda index: edit(index["files"][DATA]))
+    with pytest.raises(CheckpointError, match=match):
+        Loader(path, {"t": make_table()}).load()
+
+
+def test_a_stored_row_array_cannot_also_be_implied(tmp_path):
+    path = str(tmp_path / "c")
+    Saver(path=path, hashtables={"t": filled()}).save()  # rows with holes: 'row' stored
+    edit_index(path, lambda index: index["files"][DATA].update(dense_rows=["t"]))
+    with pytest.raises(CheckpointError, match="dense_rows.*IDs, and not rows"):
+        Loader(path, {"t": make_table()}).load()
+
+
+def test_format_version_2_loads_and_a_newer_version_is_refused(tmp_path):
+    """Checkpoints of format version 2 (every table's rows stored) still load; a version
+    newer than this recis asks for an upgrade."""
+    path = str(tmp_path / "c")
+    source = filled()
+    Saver(path=path, hashtables={"t": source}).save()
+    edit_index(path, lambda index: index.update(version=2))
+    loaded = make_table()
+    Loader(path, {"t": loaded}).load()
+    same_table(source, loaded)
+    edit_index(path, lambda index: index.update(version=4))
+    with pytest.raises(CheckpointError, match="format version 4.*versions 2 to 3: upgrade"):
+        Loader(path, {"t": make_table()}).load()
+
+
 def test_index_without_checksum_is_rejected(tmp_path):
     path = str(tmp_path / "c")
     Saver(path=path, hashtables={"t": filled()}).save()

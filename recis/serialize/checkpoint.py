@@ -22,7 +22,11 @@ part of an earlier, killed attempt (``CheckpointManager`` removes it before a sa
 
 Rows are written in storage order (row ``i`` of every slot belongs to ``ids[i]``), straight
 from the tables' storage blocks: :meth:`Saver.save` holds the tables' locks while it writes
-them; :meth:`Saver.snapshot` copies them (into :class:`SnapshotBuffers`) and returns.
+them; :meth:`Saver.snapshot` copies them (into :class:`SnapshotBuffers`) and returns. A
+child's ``row`` array gives each ID's storage row; a full save of a table of one child whose
+rows are 0..n-1 (none freed, or every freed row reused) does not store it and lists the child
+in its file's ``dense_rows`` instead (format version 3; version 2 checkpoints, which store
+every ``row``, still load).
 
 Loading trusts nothing it reads (see :func:`read_index` and
 :func:`recis.serialize._files.read_safetensors`): the index must carry a valid checksum and
@@ -98,7 +102,9 @@ __all__ = ["Saver", "SaveSnapshot", "SnapshotBuffers", "Loader", "CheckpointRead
            "CheckpointError", "compact", "FORMAT_VERSION"]
 
 FORMAT = "recis-checkpoint"
-FORMAT_VERSION = 2  # 2: index_checksum, per-file tensor listings, escaped names in keys
+FORMAT_VERSION = 3  # 2: index_checksum, per-file tensor listings, escaped names in keys;
+#                    3: a file's "dense_rows" (children whose 'row' is 0..n-1, not stored)
+OLDEST_VERSION = 2  # the oldest format version this recis reads
 INDEX = "index.json"
 CHECKSUM = "index_checksum"
 DENSE_FILE = "dense.safetensors"
@@ -458,6 +464,7 @@ class Saver:
         policies: dict[str, dict[str, str]] = {}
         replaced: list[str] = []
         taken = []  # (store, changes) to give back if the save fails
+        dense_rows: list[str] = []  # children whose rows are 0..n-1: no 'row' key written
         try:
             for table in self.tables.values():
                 store = table.store
@@ -482,7 +489,11 @@ class Saver:
                         ids, rows = all_ids[keep], all_rows[keep]
                     # row i of every slot belongs to ids[i]
                     data[_key(child, "id", k, n)] = ids.cpu()
-                    data[_key(child, "row", k, n)] = rows.cpu()
+                    if written is None and len(kids) == 1 and (
+                            rows.numel() == 0 or int(rows[-1]) == rows.numel() - 1):
+                        dense_rows.append(child)  # rows 0..n-1 (ascending): implied
+                    else:
+                        data[_key(child, "row", k, n)] = rows.cpu()
                     rows_saved[child] = rows.numel()
                     for slot in _saved_slots(store):
                         data[_key(child, slot, k, n)] = _storage_pieces(store, slot, rows,
@@ -502,6 +513,9 @@ class Saver:
                 keep_keys = set(self.filter_func(list(data)))
                 data = {key: v for key, v in data.items() if key in keep_keys}
             written_fields = _written(data)
+            dense_rows = [c for c in dense_rows if _key(c, "id", k, n) in data]
+            for child in dense_rows:
+                written_fields[_esc(child)].add("row")
             tables_info = {c: _table_info(t, c, written_fields[_esc(c)])
                            for c, (t, _) in children.items() if _esc(c) in written_fields}
             dense = {}
@@ -520,7 +534,8 @@ class Saver:
         except BaseException:
             _give_back(taken)
             raise
-        return SaveSnapshot(self, data, dense, part, taken, incremental, base, copies)
+        return SaveSnapshot(self, data, dense, part, taken, incremental, base, copies,
+                            dense_rows)
 
     def _tables_in_full(self, incremental: bool) -> set[str]:
         """Tables an incremental save must write in full: their log of removed IDs overflowed
@@ -587,10 +602,11 @@ class SaveSnapshot:
     """
 
     def __init__(self, saver: Saver, data: dict, dense: dict, part: dict, taken: list,
-                 incremental: bool, base: str | None, buffers: SnapshotBuffers | None):
+                 incremental: bool, base: str | None, buffers: SnapshotBuffers | None,
+                 dense_rows: list[str] | None = None):
         self.saver, self.data, self.dense, self.part = saver, data, dense, part
         self.taken, self.incremental, self.base = taken, incremental, base
-        self.buffers = buffers
+        self.buffers, self.dense_rows = buffers, list(dense_rows or [])
         self.path = saver.path
         self.staging = _staging(saver.path)
         self.files: dict[str, dict] = {}
@@ -610,6 +626,8 @@ class SaveSnapshot:
             self.files[name] = write_safetensors(
                 os.path.join(self.staging, name), self.data,
                 {"format": FORMAT, "version": str(FORMAT_VERSION)})
+            if self.dense_rows:
+                self.files[name]["dense_rows"] = self.dense_rows
         except BaseException:
             _give_back(self.taken)
             raise
@@ -765,13 +783,13 @@ def _checked(index: Any, where: str, part: tuple[int, int] | None = None) -> dic
         version = sc.get(index, "version", "version", "an integer", _is_int)
         if version > FORMAT_VERSION:
             raise CheckpointError(f"{where} has format version {version}; this recis reads "
-                                  f"version {FORMAT_VERSION}: upgrade recis")
-        if version < FORMAT_VERSION:
+                                  f"versions {OLDEST_VERSION} to {FORMAT_VERSION}: upgrade recis")
+        if version < OLDEST_VERSION:
             raise CheckpointError(
                 f"{where} has format version {version}, written by an older recis: it has no "
                 f"{CHECKSUM} nor tensor listings, which this recis requires to trust a "
-                f"checkpoint (format version {FORMAT_VERSION}); load it with the recis that "
-                "wrote it and save it again"
+                f"checkpoint (format version {OLDEST_VERSION} or later); load it with the "
+                "recis that wrote it and save it again"
             )
     if CHECKSUM not in index:
         sc.fail(CHECKSUM, "the SHA-256 of the rest of the index")
@@ -812,6 +830,9 @@ def _checked(index: Any, where: str, part: tuple[int, int] | None = None) -> dic
             sc.get(info, "dtype", f"{where_t}['dtype']", f"one of {sorted(DTYPE_CODES)}",
                    lambda v: isinstance(v, str) and v in DTYPE_CODES)
             sc.get(info, "shape", f"{where_t}['shape']", "a list of sizes", _is_shape)
+        if "dense_rows" in entry:
+            sc.get(entry, "dense_rows", f"{key}['dense_rows']", "a list of table names",
+                   _is_names)
     physical = sc.get(index, "physical", "physical", "a JSON object", _is_dict)
     for name in physical:
         sc.get(physical, name, f"physical[{name!r}]", "a list of distinct names", _is_names)
@@ -871,6 +892,13 @@ def _check_listings(sc: _Schema, index: dict) -> None:
                 sc.fail(where, f"a key '<name>.<field>/part_{part[0]}_{part[1]}' with '%', '/', "
                         "'.' and '@' in names escaped", key)
             groups.setdefault(parsed[0], {})[parsed[1]] = info
+        for child in entry.get("dense_rows", []):  # 'row' implied: 0..n-1, n = number of IDs
+            fields = groups.get(_esc(child), {})
+            where = f"files[{fname!r}]['dense_rows']"
+            if "id" not in fields or "row" in fields:
+                sc.fail(where, f"tables whose IDs, and not rows, the file holds ({child!r} has "
+                        f"{sorted(fields)})")
+            fields["row"] = {"dtype": "I64", "shape": fields["id"]["shape"][:1]}
         for group, fields in groups.items():
             where = f"files[{fname!r}]['tensors']"
             rec = _RECORD_GROUP.fullmatch(group)
@@ -1015,6 +1043,10 @@ def _read_sparse(path: str, index: dict) -> _Content:
             shards = out.shards[group]
             if not shards or shards[-1] != shard:
                 shards.append(shard)
+        for child in expected.get("dense_rows", []):  # rows 0..n-1 in storage order
+            fields, shard = out[_esc(child)], out.field_shards[_esc(child)]["id"][-1]
+            fields.setdefault("row", []).append(torch.arange(fields["id"][-1].numel()))
+            out.field_shards[_esc(child)].setdefault("row", []).append(shard)
     return out
 
 
