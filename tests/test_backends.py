@@ -135,6 +135,9 @@ def test_map_build_in_parts(monkeypatch, parts):
     items = NUMBA.map_items(built, ids.numel())  # placed by row in parts, with holes
     for got, want in zip(items, TORCH.map_items(reference, ids.numel()), strict=True):
         assert torch.equal(got, want)
+    for backend, table in ((NUMBA, built), (TORCH, reference)):  # IDs only, placed by row
+        placed = backend.map_ids_by_row(table, ids.numel())
+        assert torch.equal(placed[items[2]], items[0]), backend.name
     assert torch.equal(built, NUMBA.map_build(ids, packed, 256))
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -225,6 +226,51 @@ def test_rows_0_to_n_are_implied_not_stored_and_load_exactly(tmp_path):
     d = make_table(seed=3)
     Loader(str(tmp_path / "delta"), {"t": d}).load()
     same_table(c, d)
+
+
+def test_saves_while_another_thread_inserts_hold_whole_batches(tmp_path):
+    """A blocking save lists a table's IDs in a worker while it writes the slot values; the
+    table's write lock keeps other threads out until both are done, so each checkpoint taken
+    while a thread inserts holds whole batches, every ID with its own values, and loads
+    exactly. Free rows (taken back by the inserts) and rows 0..n-1 both occur."""
+    table = HashTable([DIM], block_size=64, name="t")
+    table.insert(torch.arange(-100, 0), torch.arange(-100, 0).float()[:, None].expand(-1, DIM))
+    table.delete(torch.arange(-100, -50))
+    with pytest.raises(RuntimeError, match="write lock"):
+        table.store.ids_by_row(lock=False)
+    stop = threading.Event()
+
+    def insert():
+        batch = 0
+        while not stop.is_set():
+            ids = torch.arange(batch * 50, batch * 50 + 50)
+            table.insert(ids, ids.float()[:, None].expand(-1, DIM))
+            batch += 1
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=insert, daemon=True)
+    thread.start()
+    try:
+        for i in range(8):
+            Saver(path=str(tmp_path / f"c{i}"), hashtables={"t": table}).save()
+    finally:
+        stop.set()
+        thread.join(10)
+    kinds = set()
+    for i in range(8):
+        path = str(tmp_path / f"c{i}")
+        kinds.add("dense_rows" in _file_entry(path))
+        loaded = HashTable([DIM], block_size=64, name="t")
+        Loader(path, {"t": loaded}).load()
+        ids, rows = loaded.ids_map()
+        inserted = ids[ids >= 0].sort().values
+        assert torch.equal(inserted, torch.arange(inserted.numel()))
+        assert inserted.numel() % 50 == 0 and (ids < 0).sum() == 50
+        assert torch.equal(loaded.slot_values("embedding", rows),
+                           ids.float()[:, None].expand(-1, DIM))
+        assert torch.equal(rows, torch.arange(ids.numel())) == ("dense_rows" in
+                                                                _file_entry(path))
+    assert True in kinds
 
 
 def test_saves_never_overwrite(tmp_path):

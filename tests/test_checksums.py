@@ -1,7 +1,8 @@
 """CRC-32 of checkpoint files: the folding kernel, the combination of pieces and the threaded
 computation all give zlib's ``crc32`` (the reference) on the same bytes; a flipped bit in any
-piece of a file read in parts is caught."""
+piece of a file read in parts is caught. Also: tensors written while they are computed."""
 
+import json
 import zlib
 
 import numpy as np
@@ -70,3 +71,33 @@ def test_a_flipped_byte_in_any_piece_is_caught(monkeypatch, tmp_path, where):
     with pytest.raises(CheckpointError, match="corrupted"):
         Loader(str(tmp_path / "c"), {"t": target}).load()
     assert len(target) == 0
+
+
+def test_deferred_tensors_are_written_after_the_others_and_checked(tmp_path):
+    """A DeferredTensor (its value still being computed) is written after every other tensor,
+    read back equal, and a value that differs from its announced dtype or shape is a
+    ValueError naming it."""
+    from concurrent.futures import Future
+
+    from safetensors import safe_open
+
+    def done(value):
+        future = Future()
+        future.set_result(value)
+        return future
+
+    path = str(tmp_path / "f.safetensors")
+    late = _files.DeferredTensor(torch.int64, (5,), done(torch.arange(5)))
+    info = _files.write_safetensors(path, {"late": late, "early": torch.ones(3, 2)})
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert header["early"]["data_offsets"] == [0, 24] and header["late"]["data_offsets"][0] == 24
+    back = _files.read_safetensors(path, info)
+    assert torch.equal(back["late"], torch.arange(5))
+    assert torch.equal(back["early"], torch.ones(3, 2))
+    with safe_open(path, "pt") as f:
+        assert torch.equal(f.get_tensor("late"), torch.arange(5))
+    for wrong in (torch.arange(4), torch.arange(5, dtype=torch.int32)):
+        bad = _files.DeferredTensor(torch.int64, (5,), done(wrong))
+        with pytest.raises(ValueError, match="tensor 'late'.*announced as torch.int64 \\[5\\]"):
+            _files.write_safetensors(str(tmp_path / "g.safetensors"), {"late": bad})

@@ -182,3 +182,6 @@ def test_backends_agree_with_dict_model(ops):
         got = {(i, t): r for i, t, r in zip(ids.tolist(), tags.tolist(), rows.tolist(),
                                            strict=True)}
         assert got == model.rows
+        # the allocator's view of the live rows (saves list IDs by it) agrees with the keys
+        assert torch.equal(maps[backend].live_rows(), rows), backend
+        assert torch.equal(maps[backend].ids_by_row(), ids), backend

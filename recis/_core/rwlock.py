@@ -85,6 +85,11 @@ class RWLock:
                 self._writer = None
                 self._cond.notify_all()
 
+    def write_held(self) -> bool:
+        """Whether some thread holds the write lock (not necessarily the caller)."""
+        with self._cond:
+            return self._writer is not None
+
     # a table copied with copy.deepcopy or pickled gets a fresh, unlocked lock
     def __getstate__(self) -> dict:
         return {}

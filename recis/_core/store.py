@@ -487,6 +487,25 @@ class TableStore:
         with self.lock.read():
             return self._map.items()
 
+    def ids_by_row(self, *, lock: bool = True) -> Tensor:
+        """The IDs at :meth:`live_rows`, in row order (tags left out): :meth:`items`'s IDs,
+        at about half its cost. ``lock=False`` takes no lock, for a worker of a thread that
+        holds the write lock until the worker is done (a blocking save lists the IDs while
+        it writes the slot values); it raises if no thread holds the write lock."""
+        if lock:
+            with self.lock.read():
+                return self._map.ids_by_row()
+        if not self.lock.write_held():
+            raise RuntimeError("ids_by_row(lock=False) needs the table's write lock held (by "
+                               "the thread that waits for this call)")
+        return self._map.ids_by_row()
+
+    def live_rows(self) -> Tensor:
+        """The rows that hold an ID, ascending: the rows of :meth:`items` without listing the
+        IDs (read off the row allocator)."""
+        with self.lock.read():
+            return self._map.live_rows()
+
     def iter_items(self, chunk: int = 1 << 20) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """:meth:`items` in pieces of at most ``chunk`` keys (one consistent snapshot)."""
         ids, tags, rows = self.items()

@@ -35,8 +35,8 @@ import stat
 import struct
 import sys
 import zlib
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -174,6 +174,19 @@ class TensorPieces(NamedTuple):
     pieces: list[torch.Tensor]
 
 
+class DeferredTensor(NamedTuple):
+    """A tensor of ``dtype`` and ``shape`` still being computed (``future.result()`` gives
+    it): :func:`write_safetensors` writes it after every other tensor, so its computation
+    runs while they are written. Example::
+
+        DeferredTensor(torch.int64, (n,), pool.submit(list_ids))
+    """
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    future: Future
+
+
 def _as_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous().cpu()
     if t.dtype == torch.bfloat16:
@@ -205,7 +218,7 @@ def _write_flushing(f, chunks: list) -> None:
     while later chunks are written, so the final fsync waits for the last part only."""
     fd, start, done = f.fileno(), 0, 0
     for chunk in chunks:
-        view = memoryview(chunk)
+        view = memoryview(chunk() if callable(chunk) else chunk)
         while view.nbytes:
             n = f.write(view[:_WRITEBACK_EVERY])
             view, done = view[n:], done + n
@@ -214,25 +227,45 @@ def _write_flushing(f, chunks: list) -> None:
                 start = done
 
 
-def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor | TensorPieces],
+def _resolved(name: str, deferred: DeferredTensor) -> Callable[[], memoryview]:
+    """The bytes of a deferred tensor, once computed, checked against its dtype and shape."""
+
+    def get() -> memoryview:
+        t = deferred.future.result()
+        if t.dtype != deferred.dtype or tuple(t.shape) != tuple(deferred.shape):
+            raise ValueError(f"tensor {name!r}: computed as {t.dtype} {list(t.shape)}, "
+                             f"announced as {deferred.dtype} {list(deferred.shape)}")
+        return _as_bytes(t)
+
+    return get
+
+
+def write_safetensors(path: str,
+                      tensors: Mapping[str, torch.Tensor | TensorPieces | DeferredTensor],
                       metadata: Mapping[str, str] | None = None) -> dict:
-    """Write ``tensors`` (tensors or :class:`TensorPieces`) as a safetensors file (fsynced);
-    returns what the index records of it: ``{"crc32", "bytes", "tensors": {key: {"dtype":
-    "F32", "shape": [...]}}}``."""
+    """Write ``tensors`` (tensors, :class:`TensorPieces` or :class:`DeferredTensor`, these
+    last) as a safetensors file (fsynced); returns what the index records of it: ``{"crc32",
+    "bytes", "tensors": {key: {"dtype": "F32", "shape": [...]}}}``."""
     header: dict[str, object] = {}
     listing: dict[str, dict] = {}
-    data: list[memoryview] = []
+    data: list[memoryview | Callable[[], memoryview]] = []
     offset = 0
-    for name, t in tensors.items():
-        dtype, shape, pieces = t if isinstance(t, TensorPieces) else (t.dtype, t.shape, [t])
+    later = [name for name, t in tensors.items() if isinstance(t, DeferredTensor)]
+    for name in [name for name in tensors if name not in later] + later:
+        t = tensors[name]
+        dtype, shape = t.dtype, tuple(t.shape)
         if dtype not in _DTYPES:
             raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be saved")
         size = math.prod(shape) * _ITEMSIZE[_DTYPES[dtype]]
-        chunks = [_as_bytes(p) for p in pieces]
-        if sum(c.nbytes for c in chunks) != size or any(p.dtype != dtype for p in pieces):
-            raise ValueError(f"tensor {name!r}: its pieces do not make a {dtype} tensor of "
-                             f"shape {list(shape)}")
-        data += chunks
+        if isinstance(t, DeferredTensor):
+            data.append(_resolved(name, t))
+        else:
+            pieces = t.pieces if isinstance(t, TensorPieces) else [t]
+            chunks = [_as_bytes(p) for p in pieces]
+            if sum(c.nbytes for c in chunks) != size or any(p.dtype != dtype for p in pieces):
+                raise ValueError(f"tensor {name!r}: its pieces do not make a {dtype} tensor of "
+                                 f"shape {list(shape)}")
+            data += chunks
         header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         listing[name] = {"dtype": _DTYPES[dtype], "shape": list(shape)}
@@ -246,7 +279,7 @@ def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor | TensorPiec
     def checksum() -> int:
         crc = 0
         for chunk in chunks:
-            crc = crc32(chunk, crc)
+            crc = crc32(chunk() if callable(chunk) else chunk, crc)
         return crc
 
     tmp = f"{path}.tmp-{os.getpid()}"

@@ -83,6 +83,7 @@ from recis.serialize import recis_format
 from recis.serialize._files import (
     DTYPE_CODES,
     CheckpointError,
+    DeferredTensor,
     TensorPieces,
     atomic_write_json,
     dtype_code,
@@ -411,7 +412,9 @@ class Saver:
         with contextlib.ExitStack() as locks:
             for table in self.tables.values():
                 locks.enter_context(table.store.lock.write())
-            snap = self._capture(incremental, base, extra, in_full, copies=None)
+            # its workers read the tables: it waits for them before the locks are released
+            pool = locks.enter_context(ThreadPoolExecutor(1, thread_name_prefix="recis-save"))
+            snap = self._capture(incremental, base, extra, in_full, copies=None, pool=pool)
             snap.write_sparse()
         collective = self.shard_num > 1 and dist.is_available() and dist.is_initialized()
         snap.finish(collective)
@@ -453,10 +456,12 @@ class Saver:
         return self._tables_in_full(incremental)
 
     def _capture(self, incremental: bool, base: str | None, extra: Mapping | None,
-                 in_full: set[str], copies: SnapshotBuffers | None) -> SaveSnapshot:
+                 in_full: set[str], copies: SnapshotBuffers | None,
+                 pool: ThreadPoolExecutor | None = None) -> SaveSnapshot:
         """The state to write, taken under the tables' locks: IDs and rows of each child in
         storage order, slot values as pieces of the blocks (views, or copies into
-        ``copies``)."""
+        ``copies``). With ``pool`` (a blocking save, whose locks outlive the pool's work)
+        IDs may be listed in its worker while the slot values are written."""
         children = _children(self.tables)
         n, k = self.shard_num, self.shard_index
         data: dict[str, Tensor | TensorPieces] = {}
@@ -476,19 +481,13 @@ class Saver:
                     replaced += table.children_hashtable  # the removal log overflowed
                     logger.info("table %s: too many removals since the last save; its rows "
                                 "are saved in full", table.name)
-                all_ids, tags, all_rows = store.items()  # by row: storage order
                 kids = table.children_hashtable
-                for idx, child in enumerate(kids):
-                    ids, rows = all_ids, all_rows
-                    if len(kids) > 1 or written is not None:
-                        keep = tags == idx
-                        if written is not None:
-                            keep &= torch.isin(all_rows, written)
-                            removed = changes.removed_ids[changes.removed_tags == idx]
-                            data[_key(child, "deleted_id", k, n)] = removed.cpu()
-                        ids, rows = all_ids[keep], all_rows[keep]
+                for idx, child, ids, rows in self._rows_by_child(store, kids, written, pool):
+                    if written is not None:
+                        removed = changes.removed_ids[changes.removed_tags == idx]
+                        data[_key(child, "deleted_id", k, n)] = removed.cpu()
                     # row i of every slot belongs to ids[i]
-                    data[_key(child, "id", k, n)] = ids.cpu()
+                    data[_key(child, "id", k, n)] = ids
                     if written is None and len(kids) == 1 and (
                             rows.numel() == 0 or int(rows[-1]) == rows.numel() - 1):
                         dense_rows.append(child)  # rows 0..n-1 (ascending): implied
@@ -536,6 +535,33 @@ class Saver:
             raise
         return SaveSnapshot(self, data, dense, part, taken, incremental, base, copies,
                             dense_rows)
+
+    @staticmethod
+    def _rows_by_child(store, kids: list[str], written: Tensor | None,
+                       pool: ThreadPoolExecutor | None
+                       ) -> list[tuple[int, str, Tensor | DeferredTensor, Tensor]]:
+        """``(tag, child, ids, rows)`` of each child: its live rows (those written since the
+        last save, with ``written``) ascending, and their IDs. For a full save of one child the
+        rows are read off the allocator and the IDs listed without tags; with a ``pool``, in
+        its worker (a :class:`DeferredTensor`, written last) while the slot values are
+        written."""
+        if written is None and len(kids) == 1:
+            rows = store.live_rows().cpu()
+            if pool is None:
+                return [(0, kids[0], store.ids_by_row().cpu(), rows)]
+            ids = pool.submit(lambda: store.ids_by_row(lock=False).cpu())
+            return [(0, kids[0], DeferredTensor(torch.int64, (rows.numel(),), ids), rows)]
+        all_ids, tags, all_rows = store.items()  # by row: storage order
+        out = []
+        for idx, child in enumerate(kids):
+            ids, rows = all_ids, all_rows
+            if len(kids) > 1 or written is not None:
+                keep = tags == idx
+                if written is not None:
+                    keep &= torch.isin(all_rows, written)
+                ids, rows = all_ids[keep], all_rows[keep]
+            out.append((idx, child, ids.cpu(), rows))
+        return out
 
     def _tables_in_full(self, incremental: bool) -> set[str]:
         """Tables an incremental save must write in full: their log of removed IDs overflowed

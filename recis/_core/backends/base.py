@@ -179,6 +179,11 @@ class Backend:
         ``num_rows``)."""
         raise NotImplementedError
 
+    def map_ids_by_row(self, table: Tensor, num_rows: int) -> Tensor:
+        """``ids[r]``: the key of the live entry at row ``r`` (unspecified at rows without one;
+        tags left out), for ``r < num_rows``: :meth:`map_items`'s IDs, placed by row."""
+        raise NotImplementedError
+
     def split_at_kth(self, values: Tensor, index: Tensor | None, k: int
                      ) -> tuple[Tensor, Tensor]:
         """Of ``values[index]`` (1-D, no NaN; all of ``values`` when ``index`` is None), the

@@ -156,6 +156,11 @@ class NumbaBackend(TorchBackend):
         return tuple(torch.from_numpy(a)
                      for a in nk.map_items_collect(id_of_row, tag_of_row, present))
 
+    def map_ids_by_row(self, table, num_rows):
+        ids = np.empty(num_rows, np.int64)
+        run_ranges(nk.map_ids_place, table.shape[0], table.numpy(), ids)
+        return torch.from_numpy(ids)
+
     def split_at_kth(self, values, index, k):
         if values.dtype not in NUMBA_DTYPES:
             return super().split_at_kth(values, index, k)

@@ -283,6 +283,22 @@ def map_items_place(table, id_of_row, tag_of_row, present, lo, hi):
 
 
 @njit(cache=True, nogil=True)
+def map_ids_place(table, id_of_row, lo, hi):
+    """``map_ids_by_row`` over the slots ``[lo, hi)``: the key of each live entry goes to its
+    row, nothing else (a third of ``map_items_place``'s scattered writes); parts over
+    disjoint slot ranges run in parallel."""
+    ids_base = id_of_row.ctypes.data
+    for s in range(lo, hi):
+        if s + _PREFETCH_AHEAD < hi:
+            ahead = table[s + _PREFETCH_AHEAD, 1]
+            if ahead >= 0:
+                _prefetch(ids_base + (ahead & ROW_MASK) * 8)
+        v = table[s, 1]
+        if v >= 0:
+            id_of_row[v & ROW_MASK] = table[s, 0]
+
+
+@njit(cache=True, nogil=True)
 def map_items_collect(id_of_row, tag_of_row, present):
     """Second half of ``map_items``: ``(ids, tags, rows)`` of the present rows, by row; when
     every row is present (no row freed), the placed arrays themselves."""

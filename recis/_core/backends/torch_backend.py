@@ -307,6 +307,12 @@ class TorchBackend(Backend):
     def map_items(self, table, num_rows):
         return map_items(table[:, 0], table[:, 1], num_rows)
 
+    def map_ids_by_row(self, table, num_rows):
+        live = table[:, 1] >= 0
+        ids = torch.zeros(num_rows, dtype=torch.int64, device=table.device)
+        ids[table[live, 1] & ROW_MASK] = table[live, 0]
+        return ids
+
     def split_at_kth(self, values, index, k):
         if index is None:
             index = torch.arange(values.numel(), device=values.device)
