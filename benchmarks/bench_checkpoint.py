@@ -109,6 +109,8 @@ PROFILE_TARGETS = [
     ("recis._core.store", "TableStore", "take_changes"),
     ("recis._core.store", "TableStore", "mark_saved"),
     ("recis._core.id_map", "IdMap", "items"),
+    ("recis._core.id_map", "IdMap", "ids_by_row"),
+    ("recis._core.id_map", "IdMap", "live_rows"),
     ("recis._core.id_map", "IdMap", "restore"),
     ("recis.serialize.checkpoint", None, "_sole_owner"),
     ("recis._core.slots", "SlotStore", "gather"),
