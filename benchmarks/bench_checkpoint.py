@@ -7,10 +7,14 @@ values; and a 10M-ID table of dim 16 **without** optimizer state (embedding only
 bytes = 720 MB of tensor data; with Adam it would hold 2 GB and, with the baseline's copy and
 the loaded table, need ~8 GB on a machine shared by several people). ``--quick`` uses a tenth
 of each (100k and 1M IDs). Candidates, interleaved inside every repeat (order rotated),
-medians reported:
+medians reported; the save repeats run first, then the load repeats (a load frees about a
+gigabyte that this VM hands back to its host; a save right after it pays for faulting its page
+cache back in, which made the save ratio depend on the order of the repeat):
 
 * ours, save: ``Saver(path=new_dir, hashtables={"t": ht}).save()`` (a checkpoint directory:
-  safetensors + index.json with CRC-32s, every file fsynced, atomic rename);
+  safetensors + index.json with CRC-32s, every file fsynced, atomic rename). Before every
+  timed save (ours and the baseline's) an untimed ``os.sync()`` drains the disk's queue, so
+  no save waits for the writeback of the one before it;
 * ours, load: ``Loader(ckpt, {"t": ht2}).load()`` into a fresh table with the same slots
   (creating the table is untimed; the load verifies sizes and CRC-32s, then replaces the
   contents);
@@ -235,6 +239,7 @@ def compare(ht: HashTable, tmp: str, repeats: int, warmup: int, label: str, dim:
     def ours_save() -> float:
         counter[0] += 1
         path = os.path.join(tmp, f"ckpt_{counter[0]:03d}")
+        os.sync()  # no save waits for the writeback of the one before it
         t = time.perf_counter()
         Saver(path=path, hashtables={"t": ht}).save()
         elapsed = time.perf_counter() - t
@@ -243,6 +248,7 @@ def compare(ht: HashTable, tmp: str, repeats: int, warmup: int, label: str, dim:
 
     def base_save() -> float:
         path = os.path.join(tmp, "base.safetensors")
+        os.sync()
         t = time.perf_counter()
         save_file(base_tensors, path)
         t_write = time.perf_counter() - t
@@ -285,16 +291,18 @@ def compare(ht: HashTable, tmp: str, repeats: int, warmup: int, label: str, dim:
         del out
         return elapsed
 
-    cands = {
-        "ours Saver.save (fsync)": ours_save,
-        "save_file + fsync": base_save,
+    saves = {"ours Saver.save (fsync)": ours_save, "save_file + fsync": base_save}
+    loads = {
         "ours Loader.load (CRC check)": ours_load,
         "load_file pread": base_load_pread,
         "load_file mmap (lazy, reads nothing)": base_load_mmap,
         "load_file mmap + clone": base_load_mmap_clone,
     }
     t0 = time.perf_counter()
-    samples = interleaved(cands, repeats, warmup)
+    # saves, then loads: a load frees ~1 GB that this VM hands back to its host, and the
+    # next save's page cache faults it in again, so mixing them made saves depend on order
+    samples = interleaved(saves, repeats, warmup)
+    samples.update(interleaved(loads, repeats, warmup))
     samples["save_file (no fsync)"] = extra["save_file (no fsync)"][warmup:]
     print(f"timed {warmup + repeats} interleaved repeats in {time.perf_counter() - t0:.0f} s; "
           f"loaded contents equal to the table (ids and every slot): "
