@@ -307,6 +307,9 @@ def compare(ht: HashTable, tmp: str, repeats: int, warmup: int, label: str, dim:
     print(f"timed {warmup + repeats} interleaved repeats in {time.perf_counter() - t0:.0f} s; "
           f"loaded contents equal to the table (ids and every slot): "
           f"{'yes' if checked and checked[0] else 'NO'}")
+    for name in ("ours Saver.save (fsync)", "save_file + fsync", "ours Loader.load (CRC check)",
+                 "load_file pread"):
+        print(f"  {name}: {' '.join(f'{s:.2f}' for s in samples[name])} s by repeat")
 
     order = ["ours Saver.save (fsync)", "save_file + fsync", "save_file (no fsync)",
              "ours Loader.load (CRC check)", "load_file pread", "load_file mmap + clone",
