@@ -14,7 +14,9 @@ cache back in, which made the save ratio depend on the order of the repeat):
 * ours, save: ``Saver(path=new_dir, hashtables={"t": ht}).save()`` (a checkpoint directory:
   safetensors + index.json with CRC-32s, every file fsynced, atomic rename). Before every
   timed save (ours and the baseline's) an untimed ``os.sync()`` drains the disk's queue, so
-  no save waits for the writeback of the one before it;
+  no save waits for the writeback of the one before it, and the saved files are kept until
+  all save repeats are done (the disk is mounted with ``discard``: a 0.7 GB file deleted just
+  before a save made that save 0.5-1.3 s slower, whichever candidate came next);
 * ours, load: ``Loader(ckpt, {"t": ht2}).load()`` into a fresh table with the same slots
   (creating the table is untimed; the load verifies sizes and CRC-32s, then replaces the
   contents);
@@ -30,7 +32,8 @@ cache back in, which made the save ratio depend on the order of the repeat):
 
 Loads read a checkpoint and a baseline file written once before the repeats; all of them come
 from the page cache (the VM has far more RAM than the files), so loads measure CPU work, not
-the disk. Saves delete their output after each call (a Saver never overwrites).
+the disk. Each save writes a new path (a Saver never overwrites); all are deleted after the
+last save repeat (see above).
 
 MB/s = bytes of tensor data (IDs + slots; 1M x (8 + 3 x 256) bytes = 776 MB, 1 MB = 10^6
 bytes) / seconds; rows/s = IDs / seconds. Targets, for both tables: ours/baseline throughput
@@ -236,18 +239,22 @@ def compare(ht: HashTable, tmp: str, repeats: int, warmup: int, label: str, dim:
     counter = [0]
     checked = []
 
+    # Saves keep their output until every save repeat is done: this disk is mounted with
+    # `discard`, and a file deleted just before a save made that save 0.5-1.3 s slower
+    saved = os.path.join(tmp, "saved")
+    os.makedirs(saved)
+
     def ours_save() -> float:
         counter[0] += 1
-        path = os.path.join(tmp, f"ckpt_{counter[0]:03d}")
+        path = os.path.join(saved, f"ckpt_{counter[0]:03d}")
         os.sync()  # no save waits for the writeback of the one before it
         t = time.perf_counter()
         Saver(path=path, hashtables={"t": ht}).save()
-        elapsed = time.perf_counter() - t
-        shutil.rmtree(path)
-        return elapsed
+        return time.perf_counter() - t
 
     def base_save() -> float:
-        path = os.path.join(tmp, "base.safetensors")
+        counter[0] += 1
+        path = os.path.join(saved, f"base_{counter[0]:03d}.safetensors")
         os.sync()
         t = time.perf_counter()
         save_file(base_tensors, path)
@@ -255,7 +262,6 @@ def compare(ht: HashTable, tmp: str, repeats: int, warmup: int, label: str, dim:
         fsync_path(path)
         elapsed = time.perf_counter() - t
         extra["save_file (no fsync)"].append(t_write)
-        os.remove(path)
         return elapsed
 
     def ours_load() -> float:
@@ -302,6 +308,8 @@ def compare(ht: HashTable, tmp: str, repeats: int, warmup: int, label: str, dim:
     # saves, then loads: a load frees ~1 GB that this VM hands back to its host, and the
     # next save's page cache faults it in again, so mixing them made saves depend on order
     samples = interleaved(saves, repeats, warmup)
+    shutil.rmtree(saved)
+    os.sync()
     samples.update(interleaved(loads, repeats, warmup))
     samples["save_file (no fsync)"] = extra["save_file (no fsync)"][warmup:]
     print(f"timed {warmup + repeats} interleaved repeats in {time.perf_counter() - t0:.0f} s; "
