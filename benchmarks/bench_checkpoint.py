@@ -119,7 +119,8 @@ PROFILE_TARGETS = [
     ("recis._core.id_map", "IdMap", "ids_by_row"),
     ("recis._core.id_map", "IdMap", "live_rows"),
     ("recis._core.id_map", "IdMap", "restore"),
-    ("recis.serialize.checkpoint", None, "_sole_owner"),
+    ("recis.serialize.checkpoint", "_SoleOwner", "of"),
+    ("recis.serialize.checkpoint", "_SoleOwner", "live"),
     ("recis._core.slots", "SlotStore", "gather"),
     ("recis._core.slots", "SlotStore", "scatter"),
 ]

@@ -153,13 +153,13 @@ def test_exact_loads_take_owners_from_the_file_as_the_replay_does(tmp_path, monk
     a.delete(torch.arange(1, 40, 7), child="a")
     Saver(path=str(tmp_path / "c"), hashtables={"t": a}).save()
     calls = []
-    sole_owner = checkpoint._sole_owner
-    monkeypatch.setattr(checkpoint, "_sole_owner",
-                        lambda *args: calls.append(sole_owner(*args)) or calls[-1])
+    sole_owner = checkpoint._SoleOwner.of
+    monkeypatch.setattr(checkpoint._SoleOwner, "of",
+                        staticmethod(lambda *args: calls.append(sole_owner(*args)) or calls[-1]))
     direct = build(5)
     Loader(str(tmp_path / "c"), {"t": direct}).load()
     assert (calls[0] is not None) == (children == 1)
-    monkeypatch.setattr(checkpoint, "_sole_owner", lambda *args: None)
+    monkeypatch.setattr(checkpoint._SoleOwner, "of", staticmethod(lambda *args: None))
     replayed = build(5)
     Loader(str(tmp_path / "c"), {"t": replayed}).load()
     for b in (direct, replayed):
@@ -529,3 +529,30 @@ def test_admission_counts_survive_a_checkpoint(tmp_path):
     Loader(str(tmp_path / "full"), {"t": c}).load()
     c(torch.tensor([7]), admit_hook=hook)
     assert c.ids().tolist() == [7]
+
+
+def test_a_restore_writes_a_range_of_rows_across_blocks():
+    """``restoring().write(slot, slice(a, b), values)`` copies consecutive rows block by block
+    (a checkpoint's rows 0..n-1): equal to writing them by row index; rows it leaves get the
+    slot's default; a range past the capacity or of the wrong length is an error."""
+    values = torch.randn(21, DIM)
+    tables = [make_table(), make_table()]
+    for table, rows in zip(tables, (slice(2, 23), torch.arange(2, 23)), strict=True):
+        with table.store.restoring(24) as restore:
+            restore.write("embedding", rows, values)
+            restore.write("m", rows, values * 2)
+            restore.set_keys(torch.arange(100, 121), torch.zeros(21, dtype=torch.int64),
+                             torch.arange(2, 23), 23, torch.tensor([0, 1]))
+    same_table(*tables)
+    all_rows = torch.arange(24)
+    for table in tables:
+        assert torch.equal(table.slot_values("embedding", all_rows)[2:23], values)
+        assert torch.equal(table.slot_values("m", all_rows)[[0, 1, 23]], torch.zeros(3, DIM))
+    table = make_table()
+    with pytest.raises(IndexError, match=r"rows \[20, 41\) out of range \[0, 24\)"):
+        with table.store.restoring(24) as restore:
+            restore.write("embedding", slice(20, 41), values)
+    assert len(table) == 0
+    with pytest.raises(ValueError, match="21 values for rows \\[0, 5\\)"):
+        with table.store.restoring(24) as restore:
+            restore.write("embedding", slice(0, 5), values)

@@ -200,6 +200,22 @@ class SlotStore:
                              f"({rows.numel()}) or a single row, got {flat.shape[0]}")
         self.backend.scatter(self._blocks[name], rows, flat)
 
+    def write_range(self, name: str, start: int, values: Tensor) -> None:
+        """Write ``values`` (``[n, *row_shape]``) into rows ``[start, start + n)``: block by
+        block, with no row index (a checkpoint's rows 0..n-1)."""
+        spec = self.spec(name)
+        flat = values.detach().reshape(-1, spec.width).to(spec.dtype)
+        n, size = flat.shape[0], self.block_size
+        if start < 0 or start + n > self.capacity:
+            raise IndexError(f"rows [{start}, {start + n}) out of range [0, {self.capacity})")
+        blocks = self._blocks[name].tensors
+        done = 0
+        while done < n:
+            b, lo = divmod(start + done, size)
+            step = min(size - lo, n - done)
+            blocks[b][lo : lo + step].copy_(flat[done : done + step])
+            done += step
+
     def reset_rows(self, rows: Tensor, names: list[str] | None = None) -> None:
         """Give rows the defaults of the slots (all, or ``names``), as a fresh row has."""
         if rows.numel() == 0:

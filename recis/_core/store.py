@@ -709,9 +709,18 @@ class _Restore:
     def capacity(self) -> int:
         return self._store.capacity
 
-    def write(self, name: str, rows: Tensor, values: Tensor) -> None:
+    def write(self, name: str, rows: Tensor | slice, values: Tensor) -> None:
+        """Write ``values`` into ``rows`` of slot ``name`` (a tensor of rows, -1 skipped, or
+        ``slice(start, stop)``: consecutive rows, copied block by block)."""
         if name not in self._unset:
             raise KeyError(f"no slot {name!r}; slots: {list(self._unset)}")
+        if isinstance(rows, slice):
+            if values.shape[0] != rows.stop - rows.start:
+                raise ValueError(f"slot {name!r}: {values.shape[0]} values for rows "
+                                 f"[{rows.start}, {rows.stop})")
+            self._store._slots.write_range(name, rows.start, values.to(self._store.device))
+            self._unset[name][rows] = False
+            return
         rows = rows.to(self._store.device)
         self._store._slots.scatter(name, rows, values.to(self._store.device))  # checks rows
         if rows.numel():

@@ -1270,38 +1270,48 @@ class _RowReplay:
         return mask.nonzero().squeeze(1)
 
 
-def _sole_owner(replay: _RowReplay, contents: list[dict]
-                ) -> Callable[[dict], tuple[Tensor, Tensor, Tensor]] | None:
-    """For a chain of one checkpoint whose rows belong to one child and ascend (a full save
-    is written in storage order), ``f(layout) -> (ids, tags, rows)`` of its live entries,
-    read from the file's arrays: the replay's per-row owner arrays (three arrays the size of
-    the table, filled and searched) are not needed. None where the general replay is."""
-    if len(contents) != 1:
-        return None
-    groups = [(i, contents[0][_esc(c)]) for i, c in enumerate(replay.children)
-              if _esc(c) in contents[0] and "row" in contents[0][_esc(c)]]
-    if len(groups) != 1:
-        return None
-    tag, fields = groups[0]
-    rows, ids = _cat(fields, "row").to(replay.device), _cat(fields, "id").to(replay.device)
-    if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
-        return None  # repeated or unordered rows: the replay decides who owns them
+class _SoleOwner:
+    """The rows of a chain of one checkpoint whose rows belong to one child and ascend (a full
+    save is written in storage order): :meth:`live` reads the owners from the file's arrays,
+    without the replay's per-row owner arrays (three arrays the size of the table, filled and
+    searched). ``dense``: the rows are 0..n-1, so slot values written at this very tensor
+    of rows (the replay hands it out) are copied as one range."""
 
-    def live(layout: dict) -> tuple[Tensor, Tensor, Tensor]:
-        # rows below the allocator's high-water mark and not free (the replay's rule; rows
-        # without an ID never shadow a child's row, as children are replayed after them)
-        keep = rows < int(layout["next_row"][0])
+    def __init__(self, tag: int, rows: Tensor, ids: Tensor):
+        self.tag, self.rows, self.ids = tag, rows, ids
+        n = rows.numel()  # ascending, so first 0 and last n - 1 means 0..n-1
+        self.dense = n == 0 or (int(rows[0]) == 0 and int(rows[-1]) == n - 1)
+
+    @classmethod
+    def of(cls, replay: _RowReplay, contents: list[dict]) -> _SoleOwner | None:
+        """None where the general replay is needed."""
+        if len(contents) != 1:
+            return None
+        groups = [(i, contents[0][_esc(c)]) for i, c in enumerate(replay.children)
+                  if _esc(c) in contents[0] and "row" in contents[0][_esc(c)]]
+        if len(groups) != 1:
+            return None
+        tag, fields = groups[0]
+        rows = _cat(fields, "row").to(replay.device)
+        if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+            return None  # repeated or unordered rows: the replay decides who owns them
+        return cls(tag, rows, _cat(fields, "id").to(replay.device))
+
+    def live(self, layout: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ids, tags, rows)`` of the live entries: rows below the allocator's high-water
+        mark and not free (the replay's rule; rows without an ID never shadow a child's row,
+        as children are replayed after them)."""
+        rows, ids, next_row = self.rows, self.ids, int(layout["next_row"][0])
         free = layout.get("free")
-        if free is not None and free.numel():
-            keep &= ~torch.isin(rows, free.to(replay.device))
-        if bool(keep.all()):
-            live_rows, live_ids = rows, ids
-        else:
-            live_rows, live_ids = rows[keep], ids[keep]
-        return live_ids, torch.full((1,), tag, dtype=torch.int64,
-                                    device=replay.device).expand(live_rows.numel()), live_rows
-
-    return live
+        free = None if free is None or not free.numel() else free.to(rows.device)
+        if not (self.dense and free is None and rows.numel() <= next_row):
+            keep = rows < next_row
+            if free is not None:
+                keep &= ~torch.isin(rows, free)
+            if not bool(keep.all()):
+                rows, ids = rows[keep], ids[keep]
+        tags = torch.full((1,), self.tag, dtype=torch.int64, device=rows.device)
+        return ids, tags.expand(rows.numel()), rows
 
 
 def _restore_exact(table: HashTable, contents: list[dict]) -> None:
@@ -1321,19 +1331,23 @@ def _restore_exact(table: HashTable, contents: list[dict]) -> None:
         def write(slot: str, rows: Tensor, values: Tensor) -> None:
             if slot not in slots:
                 return
+            if owners is not None and owners.dense and rows is owners.rows and (
+                    rows.numel() <= capacity):  # the file's rows 0..n-1: copied as one range
+                writes.append((slot, slice(0, rows.numel()), values))
+                return
             if rows.numel() and int(rows.max()) >= capacity:  # rows past a smaller capacity
                 keep = rows < capacity
                 rows, values = rows[keep], values[keep]
             writes.append((slot, rows, values))
 
-        owners = _sole_owner(replay, contents)
+        owners = _SoleOwner.of(replay, contents)
         for content in contents:
             replay.apply(content, write, lambda _: None, owners=owners is None)
         if owners is None:
             rows = replay.live()  # ascending
             ids, tags = replay.owner_id[rows], replay.owner_tag[rows]
         else:
-            ids, tags, rows = owners(replay.layout)
+            ids, tags, rows = owners.live(replay.layout)
         if rows.numel() and int(rows[-1]) >= capacity:
             keep = rows < capacity
             ids, tags, rows = ids[keep], tags[keep], rows[keep]
