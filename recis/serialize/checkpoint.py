@@ -464,7 +464,7 @@ class Saver:
         IDs may be listed in its worker while the slot values are written."""
         children = _children(self.tables)
         n, k = self.shard_num, self.shard_index
-        data: dict[str, Tensor | TensorPieces] = {}
+        data: dict[str, Tensor | TensorPieces | DeferredTensor] = {}
         rows_saved: dict[str, int] = {}
         policies: dict[str, dict[str, str]] = {}
         replaced: list[str] = []
@@ -488,9 +488,8 @@ class Saver:
                         data[_key(child, "deleted_id", k, n)] = removed.cpu()
                     # row i of every slot belongs to ids[i]
                     data[_key(child, "id", k, n)] = ids
-                    if written is None and len(kids) == 1 and (
-                            rows.numel() == 0 or int(rows[-1]) == rows.numel() - 1):
-                        dense_rows.append(child)  # rows 0..n-1 (ascending): implied
+                    if written is None and len(kids) == 1 and _zero_to_n(rows):
+                        dense_rows.append(child)  # implied by the number of IDs
                     else:
                         data[_key(child, "row", k, n)] = rows.cpu()
                     rows_saved[child] = rows.numel()
@@ -609,6 +608,12 @@ class Saver:
             index["dense"] += part["dense"]
             index["extra"].update(part["extra"])
         _publish_dir(staging, self.path, index)
+
+
+def _zero_to_n(rows: Tensor) -> bool:
+    """Whether strictly ascending ``rows`` are exactly 0..n-1 (two reads, no pass)."""
+    n = rows.numel()
+    return n == 0 or (int(rows[0]) == 0 and int(rows[-1]) == n - 1)
 
 
 def _give_back(taken: list) -> None:
@@ -1279,8 +1284,7 @@ class _SoleOwner:
 
     def __init__(self, tag: int, rows: Tensor, ids: Tensor):
         self.tag, self.rows, self.ids = tag, rows, ids
-        n = rows.numel()  # ascending, so first 0 and last n - 1 means 0..n-1
-        self.dense = n == 0 or (int(rows[0]) == 0 and int(rows[-1]) == n - 1)
+        self.dense = _zero_to_n(rows)
 
     @classmethod
     def of(cls, replay: _RowReplay, contents: list[dict]) -> _SoleOwner | None:
