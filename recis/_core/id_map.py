@@ -179,11 +179,14 @@ class IdMap:
         live[self._free[: self._n_free]] = False
         return live.nonzero().squeeze(1)
 
-    def ids_by_row(self) -> Tensor:
-        """The keys' IDs at :meth:`live_rows`, in row order (tags left out): the IDs of
-        :meth:`items` for a third of its scattered writes."""
+    def ids_by_row(self, rows: Tensor | None = None) -> Tensor:
+        """The keys' IDs at ``rows`` (default :meth:`live_rows`; the caller's copy of them
+        spares a second pass), in row order (tags left out): the IDs of :meth:`items` for a
+        third of its scattered writes."""
         ids = self.backend.map_ids_by_row(self._table, self._next_row)
-        return ids if self._n_free == 0 else ids[self.live_rows()]
+        if self._n_free == 0:
+            return ids
+        return ids[self.live_rows() if rows is None else rows]
 
     def items(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(ids, tags, rows)`` of every live key, ordered by row."""

@@ -545,10 +545,11 @@ class Saver:
         its worker (a :class:`DeferredTensor`, written last) while the slot values are
         written."""
         if written is None and len(kids) == 1:
-            rows = store.live_rows().cpu()
+            live = store.live_rows()
+            rows = live.cpu()
             if pool is None:
-                return [(0, kids[0], store.ids_by_row().cpu(), rows)]
-            ids = pool.submit(lambda: store.ids_by_row(lock=False).cpu())
+                return [(0, kids[0], store.ids_by_row(live).cpu(), rows)]
+            ids = pool.submit(lambda: store.ids_by_row(live, lock=False).cpu())
             return [(0, kids[0], DeferredTensor(torch.int64, (rows.numel(),), ids), rows)]
         all_ids, tags, all_rows = store.items()  # by row: storage order
         out = []
